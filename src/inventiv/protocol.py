@@ -4,6 +4,8 @@ orchestrator so the two sides cannot drift apart. Described for humans in docs/w
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from enum import StrEnum
 from typing import Annotated
 from uuid import UUID
@@ -15,7 +17,11 @@ REGISTER_PATH = "/internal/worker/register"
 HEARTBEAT_PATH = "/internal/worker/heartbeat"
 PING_PATH = "/internal/worker/ping"
 WORKER_PATH_PREFIX = "/internal/worker/"
+CONTROL_URL_PATH = "/control/url"
 PROTOCOL_HEADER = "x-inventiv-protocol"
+SIGNATURE_HEADER = "x-inventiv-signature"
+TIMESTAMP_HEADER = "x-inventiv-timestamp"
+CONTROL_MAX_SKEW_S = 300
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -126,3 +132,37 @@ class ErrorBody(BaseModel):
 
     error: str
     message: str
+
+
+class ControlUrlUpdate(_Message):
+    """Pushed by the control plane to a live agent when WORKER_CONTROL_PLANE_URL changes."""
+
+    control_plane_url: str
+
+
+def hash_token(token: str) -> str:
+    """Tokens are 256-bit random strings, so one SHA-256 is enough; only this hash is stored."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def sign_control_request(token_hash: str, timestamp: str, body: bytes) -> str:
+    """Sign a control-plane -> agent request with the worker token's hash as the HMAC key.
+
+    Both sides know that hash (the agent hashes its own token) and nobody else needs to: no
+    extra secret is stored, and the timestamp bounds replays.
+    """
+    mac = hmac.new(token_hash.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return mac.hexdigest()
+
+
+def verify_control_request(
+    token_hash: str, timestamp: str, body: bytes, signature: str, now: float
+) -> bool:
+    try:
+        skew = abs(now - float(timestamp))
+    except ValueError:
+        return False
+    if skew > CONTROL_MAX_SKEW_S:
+        return False
+    expected = sign_control_request(token_hash, timestamp, body)
+    return hmac.compare_digest(expected, signature)
