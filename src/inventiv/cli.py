@@ -1,0 +1,198 @@
+"""`inventiv`: run a stack, its services, workers and tunnels from one command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from inventiv import __version__
+from inventiv.agent.cli import worker
+from inventiv.config import ControlPlaneURLError, Settings, load_settings
+from inventiv.engines.cli import engine_app
+from inventiv.stack import StackError, StackPaths, probe, start_stack, stop_stack, supervise
+from inventiv.tunnel.cli import doctor, expose, tunnel
+
+app = typer.Typer(
+    help="Inventiv: a control plane for fleets of GPU inference workers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(engine_app, name="engine")
+app.command("worker")(worker)
+app.command("expose")(expose)
+app.command("tunnel")(tunnel)
+app.command("doctor")(doctor)
+
+console = Console()
+err = Console(stderr=True)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except (ValueError, ControlPlaneURLError) as exc:
+        err.print(f"[red]Configuration error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(__version__)
+
+
+@app.command()
+def up(
+    foreground: Annotated[
+        bool, typer.Option("--foreground", help="Run in this terminal; Ctrl-C stops.")
+    ] = False,
+) -> None:
+    """Start the orchestrator and the API for this PORT_OFFSET, and wait until both answer."""
+    settings = settings_or_exit()
+    token, generated = settings.resolve_admin_token()
+    if foreground:
+        print_stack(settings, token if generated else None)
+        raise typer.Exit(code=supervise(settings))
+    try:
+        started = start_stack(settings, progress=lambda text: err.print(f"  {text}"))
+    except StackError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(code=1) from None
+    if not started:
+        console.print("[yellow]Already running.[/yellow]")
+    print_stack(settings, token if generated else None)
+
+
+def print_stack(settings: Settings, new_token: str | None) -> None:
+    paths = StackPaths.of(settings)
+    console.print(f"[green]Inventiv stack (PORT_OFFSET={settings.port_offset})[/green]")
+    console.print(
+        f"  API           {settings.api_local_url}   (docs: {settings.api_local_url}/docs)"
+    )
+    console.print(f"  Orchestrator  {settings.orchestrator_url}   (loopback only)")
+    console.print(f"  Database      {redact(settings.effective_database_url)}")
+    console.print(f"  Logs          {paths.log_dir}")
+    where = "INVENTIV_ADMIN_TOKEN" if settings.admin_token else settings.admin_token_path
+    console.print(f"  Admin token   {where}")
+    if new_token:
+        console.print(f"  [bold]New admin token (shown once):[/bold] {new_token}")
+    url = settings.control_plane_url()
+    if url:
+        console.print(f"  Workers reach {url}")
+    else:
+        console.print(
+            "  WORKER_CONTROL_PLANE_URL is not set: remote workers cannot reach this stack yet; "
+            "run `make tunnel`."
+        )
+
+
+def redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+@app.command()
+def down() -> None:
+    """Stop this PORT_OFFSET's stack."""
+    settings = settings_or_exit()
+    if stop_stack(settings):
+        console.print(f"Stopped the stack on PORT_OFFSET={settings.port_offset}.")
+    else:
+        console.print(f"No stack running on PORT_OFFSET={settings.port_offset}.")
+
+
+@app.command()
+def status() -> None:
+    """Show whether the API and the orchestrator answer."""
+    settings = settings_or_exit()
+    state = probe(settings)
+    for name, value in state.items():
+        colour = "green" if value == "ok" else "red"
+        console.print(f"{name:13} [{colour}]{value}[/{colour}]")
+    if state != {"api": "ok", "orchestrator": "ok"}:
+        raise typer.Exit(code=1)
+
+
+@app.command(hidden=True, name="supervise")
+def supervise_command() -> None:
+    """Run the stack's supervisor in the foreground (what `up` starts in the background)."""
+    raise typer.Exit(code=supervise(settings_or_exit()))
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help="api or orchestrator")],
+    host: Annotated[str | None, typer.Option(help="Bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="Port")] = None,
+) -> None:
+    """Run one service in the foreground (what `up` supervises; containers use this)."""
+    settings = settings_or_exit()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if service == "api":
+        from inventiv.api.app import create_app as create_api
+
+        application: object = create_api(settings)
+        bind = host or settings.api_bind_host
+        listen = port or settings.api_port
+    elif service == "orchestrator":
+        from inventiv.orchestrator.app import create_app as create_orchestrator
+
+        application = create_orchestrator(settings)
+        bind = host or "127.0.0.1"
+        listen = port or settings.orchestrator_port
+    else:
+        err.print(f"[red]Unknown service {service!r}; use `api` or `orchestrator`.[/red]")
+        raise typer.Exit(code=2)
+    settings.resolve_admin_token()
+    uvicorn.run(
+        application,  # type: ignore[arg-type]
+        host=bind,
+        port=listen,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_keep_alive=75,
+        lifespan="on",
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Alembic migrations to DATABASE_URL (the orchestrator also does it at start)."""
+    from inventiv.db.engine import create_engine
+    from inventiv.db.migrate import current_revision, upgrade_database
+
+    settings = settings_or_exit()
+
+    async def run() -> str | None:
+        engine = create_engine(settings.effective_database_url)
+        try:
+            await upgrade_database(engine)
+            return await current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    revision = asyncio.run(run())
+    console.print(f"Database {redact(settings.effective_database_url)} at revision {revision}.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The operator's view of instances: create (with a one-time bootstrap token), list, inspect,
+read events, terminate."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from inventiv.asgi import HTTPError
+from inventiv.config import Settings
+from inventiv.db.models import Instance, InstanceEvent, WorkerToken, utcnow
+from inventiv.orchestrator.lifecycle import PROGRESS, S, Status, record_event, transition
+from inventiv.orchestrator.workers import BOOTSTRAP, expiry, new_token
+from inventiv.protocol import hash_token
+from inventiv.providers.base import WorkerBoot
+from inventiv.schemas import (
+    CreatedInstance,
+    CreateInstanceRequest,
+    EventList,
+    EventView,
+    InstanceList,
+    InstanceView,
+)
+
+
+def instance_view(row: Instance) -> InstanceView:
+    return InstanceView(
+        id=row.id,
+        provider=row.provider,
+        provider_id=row.provider_id,
+        zone=row.zone,
+        instance_type=row.instance_type,
+        model=row.model,
+        status=row.status,
+        progress=PROGRESS[Status(row.status)],
+        desired_state=row.desired_state,
+        error_code=row.error_code,
+        error_message=row.error_message,
+        worker_id=row.worker_id,
+        agent_version=row.agent_version,
+        address=row.address,
+        engine_port=row.engine_port,
+        health_port=row.health_port,
+        gpus=row.gpus,
+        worker_status=row.worker_status,
+        queue_depth=row.queue_depth,
+        requests_running=row.requests_running,
+        metrics=row.metrics,
+        last_heartbeat_at=row.last_heartbeat_at,
+        heartbeat_seq=row.heartbeat_seq,
+        created_at=row.created_at,
+        status_changed_at=row.status_changed_at,
+        ready_at=row.ready_at,
+        terminated_at=row.terminated_at,
+        replace_on_failure=row.replace_on_failure,
+        replaces_id=row.replaces_id,
+    )
+
+
+def not_found(instance_id: str) -> HTTPError:
+    return HTTPError(
+        404,
+        "instance_not_found",
+        f"No instance with id {instance_id}; list instances with GET /api/instances.",
+    )
+
+
+def parse_instance_id(raw: str) -> str:
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise HTTPError(
+            422,
+            "invalid_field",
+            f"Field 'instance_id': {raw!r} is not a UUID; instance ids look like 3f2b8c1e-....",
+        ) from None
+
+
+class InstanceService:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        stack_id: str,
+        control_plane_url: object,
+        wake: asyncio.Event,
+        providers: set[str],
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._stack_id = stack_id
+        self._control_plane_url = control_plane_url
+        self._wake = wake
+        self._providers = providers
+
+    async def create(self, req: CreateInstanceRequest) -> CreatedInstance:
+        if req.provider not in self._providers:
+            raise HTTPError(
+                422,
+                "provider_unavailable",
+                f"Field 'provider': {req.provider!r} is not configured on this control plane "
+                f"(available: {', '.join(sorted(self._providers))}). For scaleway, set "
+                "SCW_ACCESS_KEY, SCW_SECRET_KEY and SCW_DEFAULT_PROJECT_ID.",
+            )
+        now = utcnow()
+        instance_id = str(uuid.uuid4())
+        engine = req.engine or ("echo" if req.model == "echo" else "vllm")
+        token = new_token(BOOTSTRAP)
+        expires_at = expiry(self._settings)
+        row = Instance(
+            id=instance_id,
+            stack_id=self._stack_id,
+            provider=req.provider,
+            zone=req.zone,
+            instance_type=req.instance_type,
+            model=req.model,
+            spec={
+                "engine": engine,
+                "image": req.image,
+                "engine_args": req.engine_args,
+            },
+            replace_on_failure=req.replace_on_failure,
+            status=S.PROVISIONING.value,
+            status_changed_at=now,
+            desired_state="run",
+            gpus=[],
+            host={},
+            metrics={},
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._sessions() as session:
+            session.add(row)
+            await session.flush()
+            session.add(
+                WorkerToken(
+                    token_hash=hash_token(token),
+                    instance_id=instance_id,
+                    kind=BOOTSTRAP,
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
+            await record_event(
+                session,
+                instance_id,
+                "created",
+                reason="operator_request",
+                to_status=S.PROVISIONING.value,
+                message=f"Instance created on provider {req.provider} for model {req.model}.",
+            )
+            await record_event(
+                session,
+                instance_id,
+                "token_issued",
+                reason="bootstrap",
+                message=f"Bootstrap token issued, single use, expires {expires_at.isoformat()}.",
+            )
+            await session.commit()
+        self._wake.set()
+        url, warnings = self.worker_url()
+        boot = WorkerBoot(
+            control_plane_url=url,
+            instance_id=instance_id,
+            bootstrap_token=token,
+            model=req.model,
+            engine=engine,
+        )
+        view = instance_view(row)
+        return CreatedInstance(
+            **view.model_dump(),
+            bootstrap_token=token,
+            bootstrap_token_expires_at=expires_at,
+            agent_env=boot.agent_env(),
+            agent_command="inventiv worker",
+            warnings=warnings,
+        )
+
+    def worker_url(self) -> tuple[str, list[str]]:
+        url = self._control_plane_url()  # type: ignore[operator]
+        if url:
+            return url, []
+        return self._settings.api_local_url, [
+            "WORKER_CONTROL_PLANE_URL is not set, so agent_env points at "
+            f"{self._settings.api_local_url}, which only a worker on this machine can reach. "
+            "Run `make tunnel` (or set WORKER_CONTROL_PLANE_URL) for remote workers."
+        ]
+
+    async def list(
+        self, status: str | None = None, include_terminated: bool = True
+    ) -> InstanceList:
+        async with self._sessions() as session:
+            query = select(Instance).order_by(Instance.created_at.desc())
+            if status is not None:
+                query = query.where(Instance.status == status)
+            elif not include_terminated:
+                query = query.where(Instance.status != S.TERMINATED.value)
+            rows = (await session.scalars(query)).all()
+        items = [instance_view(r) for r in rows]
+        return InstanceList(items=items, count=len(items))
+
+    async def get(self, instance_id: str) -> InstanceView:
+        instance_id = parse_instance_id(instance_id)
+        async with self._sessions() as session:
+            row = await session.get(Instance, instance_id)
+        if row is None:
+            raise not_found(instance_id)
+        return instance_view(row)
+
+    async def events(self, instance_id: str, limit: int = 200) -> EventList:
+        instance_id = parse_instance_id(instance_id)
+        async with self._sessions() as session:
+            if await session.get(Instance, instance_id) is None:
+                raise not_found(instance_id)
+            rows = (
+                await session.scalars(
+                    select(InstanceEvent)
+                    .where(InstanceEvent.instance_id == instance_id)
+                    .order_by(InstanceEvent.id.desc())
+                    .limit(limit)
+                )
+            ).all()
+        return EventList(
+            items=[
+                EventView(
+                    id=r.id,
+                    at=r.at,
+                    kind=r.kind,
+                    from_status=r.from_status,
+                    to_status=r.to_status,
+                    reason=r.reason,
+                    message=r.message,
+                    data=r.data,
+                )
+                for r in reversed(rows)
+            ]
+        )
+
+    async def terminate(self, instance_id: str) -> InstanceView:
+        """Ask for termination; the terminator job releases the machine and revokes tokens.
+
+        Idempotent: terminating a terminating or terminated instance changes nothing.
+        """
+        instance_id = parse_instance_id(instance_id)
+        async with self._sessions() as session:
+            row = await session.get(Instance, instance_id)
+            if row is None:
+                raise not_found(instance_id)
+            await transition(
+                session,
+                instance_id,
+                S.TERMINATING,
+                reason="operator_request",
+                message="Termination requested by the operator.",
+            )
+            await session.commit()
+        self._wake.set()
+        return await self.get(instance_id)
+
+
+async def revoke_tokens(session: AsyncSession, instance_id: str, now: datetime) -> None:
+    await session.execute(
+        update(WorkerToken)
+        .where(WorkerToken.instance_id == instance_id, WorkerToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .execution_options(synchronize_session=False)
+    )

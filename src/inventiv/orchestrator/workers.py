@@ -1,0 +1,491 @@
+"""The worker protocol service: register and heartbeat, token checks, and the heartbeat batcher.
+
+Heartbeats are the hot path. A heartbeat that changes nothing about the lifecycle only updates
+soft state (last seen, metrics), so it goes into an in-memory batch flushed every
+INVENTIV_HEARTBEAT_FLUSH_S in one executemany; only lifecycle changes (starting -> ready,
+unreachable -> ready, ...) are written synchronously with their event. Token and instance
+lookups are cached for a few seconds; this process drops its entries the moment it revokes a
+token or changes a state, and the TTL bounds staleness across replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from inventiv.asgi import HTTPError
+from inventiv.config import Settings
+from inventiv.db.models import Instance, WorkerToken, utcnow
+from inventiv.orchestrator.lifecycle import (
+    ENDING,
+    S,
+    Status,
+    desired_state,
+    record_event,
+    transition,
+)
+from inventiv.protocol import (
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+    RegisterResponse,
+    WorkerStatus,
+    hash_token,
+)
+
+log = logging.getLogger("inventiv.orchestrator.workers")
+
+CACHE_TTL_S = 5.0
+BOOTSTRAP = "bootstrap"
+WORKER = "worker"
+
+
+def new_token(kind: str) -> str:
+    return f"ivt_{kind[:4]}_{secrets.token_urlsafe(32)}"
+
+
+@dataclass(slots=True)
+class CachedToken:
+    instance_id: str
+    kind: str
+    revoked: bool
+    fetched_at: float
+
+
+@dataclass(slots=True)
+class CachedInstance:
+    status: str
+    worker_status: str | None
+    fetched_at: float
+
+
+def unauthorized(code: str, message: str) -> HTTPError:
+    return HTTPError(401, code, message, [(b"www-authenticate", b"Bearer")])
+
+
+class HeartbeatBatcher:
+    """Keeps the latest heartbeat per instance and writes them all at once."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], period_s: float) -> None:
+        self._sessions = sessions
+        self._period_s = period_s
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._lock = asyncio.Lock()
+        self.flushed = 0
+
+    def put(self, instance_id: str, at: datetime, hb: HeartbeatRequest) -> None:
+        self._pending[instance_id] = {
+            "b_id": instance_id,
+            "last_heartbeat_at": at,
+            "heartbeat_seq": hb.seq,
+            "worker_status": hb.status.value,
+            "queue_depth": hb.queue_depth,
+            "requests_running": hb.requests_running,
+            "metrics": soft_metrics(hb),
+            "updated_at": at,
+        }
+
+    async def flush(self) -> int:
+        """Write pending heartbeats; safe to call from several tasks (the watchdog flushes
+        before it judges staleness)."""
+        async with self._lock:
+            if not self._pending:
+                return 0
+            batch, self._pending = list(self._pending.values()), {}
+            table = Instance.__table__
+            statement = (
+                update(table)
+                .where(table.c.id == bindparam("b_id"))
+                .where(table.c.status.not_in([s.value for s in ENDING]))
+                .values(
+                    last_heartbeat_at=bindparam("last_heartbeat_at"),
+                    heartbeat_seq=bindparam("heartbeat_seq"),
+                    worker_status=bindparam("worker_status"),
+                    queue_depth=bindparam("queue_depth"),
+                    requests_running=bindparam("requests_running"),
+                    metrics=bindparam("metrics"),
+                    updated_at=bindparam("updated_at"),
+                )
+            )
+            async with self._sessions() as session:
+                connection = await session.connection()
+                await connection.execute(statement, batch)
+                await session.commit()
+            self.flushed += len(batch)
+            return len(batch)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._period_s)
+            try:
+                await self.flush()
+            except Exception:  # a flush failure must not kill the loop; the next one retries
+                log.exception("heartbeat flush failed")
+
+
+def soft_metrics(hb: HeartbeatRequest) -> dict[str, Any]:
+    return {
+        "gpus": [g.model_dump(exclude_none=True) for g in hb.gpus],
+        "system": hb.system.model_dump(exclude_none=True) if hb.system else {},
+        "model_id": hb.model_id,
+        "simulated": hb.simulated,
+        "error": hb.error,
+    }
+
+
+class WorkerProtocol:
+    """Register and heartbeat, as the orchestrator serves them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        control_plane_url: Any,
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._control_plane_url = control_plane_url
+        self._tokens: dict[str, CachedToken] = {}
+        self._instances: dict[str, CachedInstance] = {}
+        self.batcher = HeartbeatBatcher(sessions, settings.heartbeat_flush_s)
+
+    # -- caches -----------------------------------------------------------------------------
+
+    def forget_instance(self, instance_id: str) -> None:
+        self._instances.pop(instance_id, None)
+        for key in [k for k, v in self._tokens.items() if v.instance_id == instance_id]:
+            del self._tokens[key]
+
+    def note_status(self, instance_id: str, status: str) -> None:
+        cached = self._instances.get(instance_id)
+        if cached is not None:
+            cached.status = status
+
+    async def _instance(self, instance_id: str, now: float) -> CachedInstance:
+        cached = self._instances.get(instance_id)
+        if cached is not None and now - cached.fetched_at < CACHE_TTL_S:
+            return cached
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(Instance.status, Instance.worker_status).where(
+                        Instance.id == instance_id
+                    )
+                )
+            ).first()
+        if row is None:
+            self._instances.pop(instance_id, None)
+            raise HTTPError(
+                404,
+                "instance_not_found",
+                f"Instance {instance_id} does not exist on this control plane; check INSTANCE_ID "
+                "or create the instance again.",
+            )
+        cached = CachedInstance(status=row[0], worker_status=row[1], fetched_at=now)
+        self._instances[instance_id] = cached
+        return cached
+
+    async def _token(self, token_hash: str, now: float) -> CachedToken | None:
+        cached = self._tokens.get(token_hash)
+        if cached is not None and now - cached.fetched_at < CACHE_TTL_S:
+            return cached
+        async with self._sessions() as session:
+            row = await session.get(WorkerToken, token_hash)
+        if row is None:
+            self._tokens.pop(token_hash, None)
+            return None
+        cached = CachedToken(
+            instance_id=row.instance_id,
+            kind=row.kind,
+            revoked=row.revoked_at is not None,
+            fetched_at=now,
+        )
+        if row.kind == WORKER:  # bootstrap tokens are checked against the database every time
+            self._tokens[token_hash] = cached
+        return cached
+
+    # -- register ---------------------------------------------------------------------------
+
+    async def register(self, token: str, req: RegisterRequest, client: str | None) -> bytes:
+        instance_id = str(req.instance_id)
+        token_hash = hash_token(token)
+        now = utcnow()
+        async with self._sessions() as session:
+            instance = await session.get(Instance, instance_id)
+            if instance is None:
+                raise HTTPError(
+                    404,
+                    "instance_not_found",
+                    f"Instance {instance_id} does not exist on this control plane; check "
+                    "INSTANCE_ID or create the instance again.",
+                )
+            record = await session.get(WorkerToken, token_hash)
+            self._check_token(record, token_hash, instance_id)
+            assert record is not None
+            if instance.status in (S.TERMINATING, *FAILED_STATES):
+                raise HTTPError(
+                    409,
+                    "instance_terminating",
+                    f"Instance {instance_id} is {instance.status}; it will not be registered. "
+                    "Stop this worker.",
+                )
+            issued: str | None = None
+            if record.kind == BOOTSTRAP:
+                issued = await self._exchange_bootstrap(session, record, now)
+            await self._apply_registration(session, instance, req, client, now, issued)
+            await session.commit()
+        self.forget_instance(instance_id)
+        return (
+            RegisterResponse(
+                worker_token=issued,
+                heartbeat_interval_s=self._settings.heartbeat_interval_s,
+                status=instance.status,
+            )
+            .model_dump_json(exclude_none=True)
+            .encode()
+        )
+
+    def _check_token(self, record: WorkerToken | None, token_hash: str, instance_id: str) -> None:
+        if record is None or not hmac.compare_digest(record.token_hash, token_hash):
+            raise unauthorized(
+                "invalid_token",
+                "The bearer token is not known to this control plane. Use the bootstrap token "
+                "given when the instance was created, or the worker token it was exchanged for.",
+            )
+        if record.instance_id != instance_id:
+            raise HTTPError(
+                403,
+                "token_instance_mismatch",
+                f"This token belongs to another instance, not {instance_id}; each worker "
+                "must use its own instance's token.",
+            )
+        if record.revoked_at is not None:
+            raise unauthorized(
+                "token_revoked",
+                f"Instance {instance_id} was terminated and its tokens were revoked; stop this "
+                "worker (create a new instance to serve again).",
+            )
+
+    async def _exchange_bootstrap(
+        self, session: AsyncSession, record: WorkerToken, now: datetime
+    ) -> str:
+        if record.used_at is not None:
+            raise unauthorized(
+                "bootstrap_token_used",
+                "This bootstrap token was already exchanged for a worker token; register with "
+                "the worker token the agent stored, or create a new instance.",
+            )
+        if record.expires_at is not None and record.expires_at <= now:
+            raise unauthorized(
+                "bootstrap_token_expired",
+                "This bootstrap token expired before the worker registered; create a new "
+                "instance (or raise INVENTIV_BOOTSTRAP_TOKEN_TTL_S for slow boots).",
+            )
+        # Single use even against a concurrent register: only one UPDATE can see used_at NULL.
+        result = await session.execute(
+            update(WorkerToken)
+            .where(WorkerToken.token_hash == record.token_hash, WorkerToken.used_at.is_(None))
+            .values(used_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            raise unauthorized(
+                "bootstrap_token_used",
+                "This bootstrap token was already exchanged for a worker token.",
+            )
+        await session.execute(
+            update(WorkerToken)
+            .where(
+                WorkerToken.instance_id == record.instance_id,
+                WorkerToken.kind == WORKER,
+                WorkerToken.revoked_at.is_(None),
+            )
+            .values(revoked_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        worker_token = new_token(WORKER)
+        session.add(
+            WorkerToken(
+                token_hash=hash_token(worker_token),
+                instance_id=record.instance_id,
+                kind=WORKER,
+                created_at=now,
+            )
+        )
+        await record_event(
+            session,
+            record.instance_id,
+            "token_issued",
+            reason="bootstrap_exchanged",
+            message="The bootstrap token was exchanged for a worker token.",
+        )
+        return worker_token
+
+    async def _apply_registration(
+        self,
+        session: AsyncSession,
+        instance: Instance,
+        req: RegisterRequest,
+        client: str | None,
+        now: datetime,
+        issued: str | None,
+    ) -> None:
+        address = req.address or client
+        await session.execute(
+            update(Instance)
+            .where(Instance.id == instance.id)
+            .values(
+                worker_id=str(req.worker_id),
+                agent_version=req.agent_version,
+                address=address,
+                engine_port=req.engine_port,
+                health_port=req.health_port,
+                gpus=[g.model_dump(exclude_none=True) for g in req.gpus],
+                host=req.host.model_dump(exclude_none=True) if req.host else {},
+                registered_at=now,
+                last_heartbeat_at=now,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        await record_event(
+            session,
+            instance.id,
+            "registered",
+            reason="bootstrap" if issued else "reregister",
+            message=f"Worker {req.worker_id} (agent {req.agent_version}) registered from "
+            f"{address or 'an unknown address'}.",
+            data={"worker_id": str(req.worker_id), "address": address, "gpus": len(req.gpus)},
+        )
+        left = await transition(
+            session,
+            instance.id,
+            S.STARTING,
+            reason="registered",
+            message="The worker registered; its engine is loading.",
+        )
+        if left is not None:
+            instance.status = S.STARTING
+
+    # -- heartbeat --------------------------------------------------------------------------
+
+    async def heartbeat(self, token: str, req: HeartbeatRequest) -> bytes:
+        now_mono = time.monotonic()
+        instance_id = str(req.instance_id)
+        instance = await self._instance(instance_id, now_mono)
+        token_hash = hash_token(token)
+        record = await self._token(token_hash, now_mono)
+        if record is None:
+            raise unauthorized(
+                "invalid_token",
+                "The bearer token is not known to this control plane; heartbeats need the "
+                "worker token returned by register.",
+            )
+        if record.instance_id != instance_id:
+            raise HTTPError(
+                403,
+                "token_instance_mismatch",
+                f"This token belongs to another instance, not {instance_id}.",
+            )
+        if record.revoked:
+            raise unauthorized(
+                "token_revoked",
+                f"Instance {instance_id} was terminated and its tokens were revoked; stop this "
+                "worker.",
+            )
+        if record.kind != WORKER:
+            raise unauthorized(
+                "worker_token_required",
+                "Heartbeats need the worker token returned by register, not the bootstrap "
+                "token; call register first.",
+            )
+        now = utcnow()
+        target = lifecycle_target(instance.status, req.status)
+        if target is not None or req.status.value != instance.worker_status:
+            await self._apply_heartbeat_change(instance_id, instance, target, req, now)
+        self.batcher.put(instance_id, now, req)
+        return (
+            HeartbeatResponse(
+                heartbeat_interval_s=self._settings.heartbeat_interval_s,
+                desired_state=desired_state(instance.status),
+                control_plane_url=self._control_plane_url(),
+            )
+            .model_dump_json(exclude_none=True)
+            .encode()
+        )
+
+    async def _apply_heartbeat_change(
+        self,
+        instance_id: str,
+        instance: CachedInstance,
+        target: Status | None,
+        req: HeartbeatRequest,
+        now: datetime,
+    ) -> None:
+        """The rare heartbeat that changes something: written now, with its event."""
+        async with self._sessions() as session:
+            values = {"last_heartbeat_at": now, "worker_status": req.status.value}
+            if target is not None:
+                left = await transition(
+                    session,
+                    instance_id,
+                    target,
+                    reason=f"worker_{req.status.value}",
+                    message=heartbeat_message(instance.status, req),
+                    values=values,
+                )
+                if left is not None:
+                    instance.status = target.value
+            else:
+                await session.execute(
+                    update(Instance)
+                    .where(Instance.id == instance_id)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+            if req.status.value != instance.worker_status:
+                await record_event(
+                    session,
+                    instance_id,
+                    "worker_status",
+                    reason=req.status.value,
+                    message=req.error or f"The worker reports {req.status.value}.",
+                    data={"seq": req.seq},
+                )
+                instance.worker_status = req.status.value
+            await session.commit()
+
+
+FAILED_STATES = (S.PROVISIONING_FAILED, S.STARTUP_FAILED, S.TERMINATED)
+
+
+def lifecycle_target(current: str, reported: WorkerStatus) -> Status | None:
+    """The state a heartbeat moves an instance to, or None if it changes nothing."""
+    if reported == WorkerStatus.READY and current in (S.BOOTING, S.STARTING, S.UNREACHABLE):
+        return S.READY
+    if reported == WorkerStatus.STARTING and current in (S.BOOTING, S.READY, S.UNREACHABLE):
+        return S.STARTING
+    if reported in (WorkerStatus.DRAINING, WorkerStatus.ERROR) and current == S.UNREACHABLE:
+        return S.STARTING
+    return None
+
+
+def heartbeat_message(current: str, req: HeartbeatRequest) -> str:
+    if current == S.UNREACHABLE:
+        return f"Heartbeats resumed (seq {req.seq}); the worker reports {req.status.value}."
+    if req.status == WorkerStatus.READY:
+        return "The worker reports its engine ready."
+    return f"The worker reports {req.status.value}."
+
+
+def expiry(settings: Settings) -> datetime:
+    return utcnow() + timedelta(seconds=settings.bootstrap_token_ttl_s)
