@@ -166,6 +166,7 @@ def serve(
         access_log=False,
         log_level=settings.log_level,
         timeout_keep_alive=75,
+        proxy_headers=False,  # the API sets X-Forwarded-For itself; never trust a client's
         lifespan="on",
     )
 

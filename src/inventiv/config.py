@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 API_BASE_PORT = 8003
@@ -263,6 +263,18 @@ def write_private_file(path: Path, content: str) -> None:
     os.replace(tmp, path)
 
 
+class SettingsError(ValueError):
+    """Invalid configuration, one line per broken variable, each saying what to fix."""
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build settings, honouring INVENTIV_ENV_FILE for the env file location."""
-    return Settings(_env_file=env_file_path(), **overrides)  # type: ignore[call-arg]
+    try:
+        return Settings(_env_file=env_file_path(), **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            message = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"{name}: {message}")
+        raise SettingsError("\n".join(lines)) from None

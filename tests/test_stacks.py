@@ -1,0 +1,86 @@
+"""`inventiv up/status/down` as an operator runs them, and two stacks side by side."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port_offset
+
+
+def cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "inventiv.cli", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def test_two_stacks_side_by_side(tmp_path: Path) -> None:
+    """Like PORT_OFFSET=0 and PORT_OFFSET=10000 on a laptop: separate ports, databases, logs."""
+    offsets = [free_port_offset(), free_port_offset()]
+    envs = [
+        {"PORT_OFFSET": str(o), "INVENTIV_ENV_FILE": str(tmp_path / "none.env")} for o in offsets
+    ]
+    try:
+        for env in envs:
+            result = cli(["up"], env, tmp_path)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "New admin token (shown once)" in result.stdout
+        again = cli(["up"], envs[0], tmp_path)
+        assert again.returncode == 0 and "Already running" in again.stdout
+        assert "shown once" not in again.stdout
+
+        ids = []
+        for offset in offsets:
+            data_dir = tmp_path / ".inventiv" / f"stack-{offset}"
+            assert (data_dir / "inventiv.db").exists()
+            assert (data_dir / "admin-token").stat().st_mode & 0o777 == 0o600
+            token = (data_dir / "admin-token").read_text().strip()
+            api = f"http://127.0.0.1:{8003 + offset}"
+            assert httpx.get(api + "/", trust_env=False).json()["orchestrator"] == "ok"
+            created = httpx.post(
+                api + "/api/instances",
+                json={"provider": "manual", "model": "echo"},
+                headers={"authorization": f"Bearer {token}"},
+                trust_env=False,
+            ).json()
+            ids.append((api, token, created["id"]))
+        # Each stack sees only its own instance.
+        for api, token, own in ids:
+            listed = httpx.get(
+                api + "/api/instances",
+                headers={"authorization": f"Bearer {token}"},
+                trust_env=False,
+            ).json()
+            assert [i["id"] for i in listed["items"]] == [own]
+        status = cli(["status"], envs[1], tmp_path)
+        assert status.returncode == 0 and "ok" in status.stdout
+    finally:
+        for env in envs:
+            cli(["down"], env, tmp_path)
+    assert cli(["status"], envs[0], tmp_path).returncode == 1
+    # Stopping one stack did not need the other; both are down now.
+    down_again = cli(["down"], envs[0], tmp_path)
+    assert "No stack running" in down_again.stdout
+
+
+def test_up_refuses_a_port_taken_by_another_program(tmp_path: Path) -> None:
+    import socket
+
+    offset = free_port_offset()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 8003 + offset))
+        blocker.listen()
+        result = cli(
+            ["up"], {"PORT_OFFSET": str(offset), "INVENTIV_ENV_FILE": str(tmp_path / "x")}, tmp_path
+        )
+    assert result.returncode == 1
+    assert f"Port {8003 + offset}" in result.stderr and "PORT_OFFSET" in result.stderr
