@@ -12,10 +12,11 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from inventiv.config import Settings
+from inventiv.config import Settings, env_file_path
 from inventiv.tunnel import output
 from inventiv.tunnel.doctor import run_doctor
 from inventiv.tunnel.expose import run_expose
+from inventiv.tunnel.publish import publish_once
 from inventiv.tunnel.report import render_json, render_text
 from inventiv.tunnel.run import NamedOptions, run_tunnel
 from inventiv.tunnel.stacksettings import configured_url, load_stack_settings
@@ -57,12 +58,25 @@ def tunnel(
     url_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for cloudflared to come up.", min=1)
     ] = 30.0,
+    set_url: Annotated[
+        str | None,
+        typer.Option(
+            "--set-url",
+            metavar="URL",
+            help="Do not run cloudflared: write and announce URL (a tunnel run elsewhere).",
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Echo all of cloudflared's output.")
     ] = False,
 ) -> None:
     """Run cloudflared for this stack's API port and publish its URL to env file and workers."""
     console = output.make_console()
+    if set_url is not None:
+        if named is not None or hostname is not None:
+            output.fail(console, "--set-url cannot be combined with --named/--hostname.")
+            raise typer.Exit(code=2)
+        raise typer.Exit(code=publish_once(_settings(), env_file_path(), console, set_url))
     if (named is None) != (hostname is None):
         output.fail(console, "--named NAME and --hostname HOST go together.")
         raise typer.Exit(code=2)

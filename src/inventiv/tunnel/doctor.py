@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import httpx
+
 from inventiv.config import (
     ControlPlaneURLError,
     Settings,
@@ -20,6 +22,7 @@ from inventiv.config import (
     validate_control_plane_url,
 )
 from inventiv.protocol import PING_PATH
+from inventiv.tunnel.announce import CONTROL_PLANE_URL_PATH
 from inventiv.tunnel.cloudflared import BINARY_NAME, quick_tunnel_command_text
 from inventiv.tunnel.expose import other_program_message
 from inventiv.tunnel.probe import Probe, probe
@@ -104,6 +107,12 @@ class Doctor:
         return f"PORT_OFFSET={offset} " if offset else ""
 
     @property
+    def _port_rule(self) -> str:
+        if self.settings.api_host_port:
+            return f"API_HOST_PORT={self.settings.api_host_port}"
+        return f"8003 + PORT_OFFSET={self.settings.port_offset}"
+
+    @property
     def _make_tunnel(self) -> str:
         return f"`{self._offset_prefix}make tunnel` (or `{self._offset_prefix}inventiv tunnel`)"
 
@@ -117,6 +126,7 @@ class Doctor:
         self.check_orchestrator()
         self.check_url_valid()
         self.check_url_current()
+        self.check_control_plane_url()
         self.check_public_root()
         self.check_worker_path()
         return self.report
@@ -157,20 +167,13 @@ class Doctor:
             f"pid {p.pid} -> {', '.join(f'127.0.0.1:{x}' for x in p.ports) or 'unknown port'}"
             for p in procs
         )
-        offset = self.settings.port_offset
         self._add(
             Check(
                 "cloudflared_port",
                 title,
                 FAIL,
                 f"cloudflared forwards to the wrong port ({seen}); this stack's API listens on "
-                f"127.0.0.1:{port} (8003 + PORT_OFFSET={offset}"
-                + (
-                    f", API_HOST_PORT={self.settings.api_host_port}"
-                    if self.settings.api_host_port
-                    else ""
-                )
-                + ").",
+                f"127.0.0.1:{port} ({self._port_rule}).",
                 f"Stop that cloudflared and restart it on the API port: {self._make_tunnel}, i.e. "
                 f"`{quick_tunnel_command_text(port)}`. If that tunnel belongs to another stack, "
                 "run the doctor with that stack's PORT_OFFSET.",
@@ -190,7 +193,7 @@ class Doctor:
             detail = f"Connection refused on {url}: the API is not started (or on another port)."
             fix = (
                 f"Start it: `{self._offset_prefix}make api-expose` (or `{self._offset_prefix}make "
-                f"up`); it listens on 127.0.0.1:{self.settings.api_port} = 8003 + PORT_OFFSET."
+                f"up`); it listens on 127.0.0.1:{self.settings.api_port} ({self._port_rule})."
             )
         elif found.answered and found.status is not None and found.status >= 500:
             detail = f"The API answers {found.describe()}."
@@ -291,6 +294,49 @@ class Doctor:
                 f"{URL_KEY} from {self.configured.source} is {self.url}.",
                 f"Use the tunnel's URL: {URL_KEY}={state.url} (if the environment variable "
                 f"overrides {self.configured.env_file}, unset it: `unset {URL_KEY}`).",
+            )
+        )
+
+    def check_control_plane_url(self) -> None:
+        title = "the control plane gives workers this URL"
+        if self._blocked("control_plane_url", title, "url_valid", "orchestrator"):
+            return
+        endpoint = self.settings.api_local_url + CONTROL_PLANE_URL_PATH
+        token, _ = self.settings.resolve_admin_token()
+        try:
+            response = httpx.get(
+                endpoint,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=self.timeout,
+                trust_env=False,
+            )
+            current = response.json().get("url") if response.is_success else None
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            self._add(Check("control_plane_url", title, FAIL, f"{endpoint}: {exc}", None))
+            return
+        if not response.is_success:
+            self._add(
+                Check(
+                    "control_plane_url",
+                    title,
+                    FAIL,
+                    f"GET {endpoint} -> HTTP {response.status_code}",
+                    "Run the doctor with the admin token the API uses (INVENTIV_ADMIN_TOKEN, or "
+                    "the same PORT_OFFSET / INVENTIV_DATA_DIR).",
+                )
+            )
+            return
+        if current == self.url:
+            self._add(Check("control_plane_url", title, PASS, str(current)))
+            return
+        self._add(
+            Check(
+                "control_plane_url",
+                title,
+                FAIL,
+                f"The running control plane hands workers {current!r}, not {self.url}.",
+                f"Tell it without a restart: `{self._offset_prefix}inventiv tunnel --set-url "
+                f"{self.url}` (`make tunnel` does this by itself on every new URL).",
             )
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from inventiv.config import Settings
+from inventiv.stack import StackError, start_stack
 from inventiv.tunnel import output
 from inventiv.tunnel.cloudflared import quick_tunnel_command_text
 from inventiv.tunnel.probe import Probe, probe
@@ -30,17 +31,10 @@ def other_program_message(settings: Settings, found: Probe) -> str:
 
 
 def _start_stack(settings: Settings, console: Console) -> bool:
-    try:
-        from inventiv.stack import start_stack
-    except ImportError as exc:
-        output.fail(console, f"Cannot start the stack from here ({exc}).")
-        output.info(console, "Start the API yourself with:")
-        output.command(console, f"inventiv serve api --port {settings.api_port}")
-        return False
     output.info(console, f"API not running on {settings.api_local_url}: starting the stack...")
     try:
-        start_stack(settings)
-    except Exception as exc:
+        start_stack(settings, progress=lambda text: output.info(console, f"  {text}"))
+    except (StackError, OSError) as exc:
         output.fail(console, f"Starting the stack failed: {exc}")
         return False
     return True

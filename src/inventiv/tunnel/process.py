@@ -24,6 +24,10 @@ STOP_GRACE_S = 5.0
 _EOF = object()
 
 
+class TunnelCancelled(Exception):
+    """The supervisor was asked to stop while waiting for cloudflared."""
+
+
 class TunnelStartError(RuntimeError):
     """cloudflared exited or stayed silent before giving a URL; `tail` is its last output."""
 
@@ -54,6 +58,8 @@ class CloudflaredProcess:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._proc: subprocess.Popen[str] | None = None
         self.started_at = 0.0
+        # Set by the supervisor on Ctrl-C/SIGTERM, so a wait for the URL ends at once.
+        self.cancel = threading.Event()
 
     @property
     def pid(self) -> int | None:
@@ -97,7 +103,7 @@ class CloudflaredProcess:
         timeout: float,
         on_wait: Callable[[float], None] | None = None,
         progress_every: float = 2.0,
-        what: str = "the tunnel URL",
+        what: str = "tunnel URL",
     ) -> str:
         """Return `matches(line)` for the first line where it is not None.
 
@@ -106,6 +112,8 @@ class CloudflaredProcess:
         deadline = time.monotonic() + timeout
         next_progress = time.monotonic() + progress_every
         while True:
+            if self.cancel.is_set():
+                raise TunnelCancelled()
             now = time.monotonic()
             if now >= deadline:
                 raise TunnelStartError(
@@ -118,7 +126,7 @@ class CloudflaredProcess:
             if item is _EOF:
                 code = self._proc.wait() if self._proc is not None else None
                 raise TunnelStartError(
-                    f"cloudflared exited (code {code}) before printing {what}.", self.tail
+                    f"cloudflared exited (code {code}) before printing a {what}.", self.tail
                 )
             if isinstance(item, str):
                 found = matches(item)

@@ -16,14 +16,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from inventiv.config import Settings, validate_control_plane_url, write_private_file
+from inventiv.config import (
+    ControlPlaneURLError,
+    Settings,
+    validate_control_plane_url,
+    write_private_file,
+)
 from inventiv.tunnel import output
 from inventiv.tunnel.announce import AnnounceResult, announce_url
 from inventiv.tunnel.envfile import set_env_var
 from inventiv.tunnel.stacksettings import URL_KEY
 
 STATE_FILE = "tunnel.json"
-RETRY_ANNOUNCE_S = 5.0
+RETRY_ANNOUNCE_INITIAL_S = 1.0
+RETRY_ANNOUNCE_MAX_S = 10.0
 
 
 def state_path(settings: Settings) -> Path:
@@ -63,6 +69,7 @@ class URLPublisher:
         self.mode = mode
         self.pending_url: str | None = None
         self._next_retry = 0.0
+        self._retry_delay = RETRY_ANNOUNCE_INITIAL_S
         self.published: list[str] = []
 
     def publish(self, url: str, cloudflared_pid: int | None) -> None:
@@ -79,6 +86,7 @@ class URLPublisher:
         where = "written to" if changed else "already in"
         output.ok(self.console, f"{URL_KEY}={url} {where} {self.env_file}")
         self.pending_url = url
+        self._retry_delay = RETRY_ANNOUNCE_INITIAL_S
         self._announce()
 
     def tick(self) -> None:
@@ -97,19 +105,39 @@ class URLPublisher:
             )
             self.pending_url = None
             return
-        self._next_retry = time.monotonic() + RETRY_ANNOUNCE_S
+        # The API is often just starting: retry soon, then back off.
+        self._next_retry = time.monotonic() + self._retry_delay
+        self._retry_delay = min(RETRY_ANNOUNCE_MAX_S, self._retry_delay * 2)
         if not quiet_failure:
             output.warn(
                 self.console,
-                f"Could not announce the URL: {result.message} Retrying every "
-                f"{RETRY_ANNOUNCE_S:.0f}s while the tunnel runs.",
+                f"Could not announce the URL: {result.message} Retrying (up to every "
+                f"{RETRY_ANNOUNCE_MAX_S:.0f}s) while the tunnel runs.",
             )
 
 
 def _describe(result: AnnounceResult) -> str:
     body = result.body or {}
-    for key in ("workers_notified", "notified", "pushed"):
-        value = body.get(key)
-        if isinstance(value, int):
-            return f"; pushed to {value} live worker(s)"
-    return ""
+    value = body.get("pushed_to")
+    return f"; pushed to {value} live worker(s)" if isinstance(value, int) else ""
+
+
+def publish_once(settings: Settings, env_file: Path, console: Console, url: str) -> int:
+    """`inventiv tunnel --set-url`: for a tunnel run elsewhere (a service, a container)."""
+    try:
+        url = validate_control_plane_url(url)
+    except ControlPlaneURLError as exc:
+        output.fail(console, str(exc))
+        return 2
+    changed = set_env_var(env_file, URL_KEY, url)
+    where = "written to" if changed else "already in"
+    output.ok(console, f"{URL_KEY}={url} {where} {env_file}")
+    result = announce_url(settings, url)
+    if not result.ok:
+        output.fail(console, f"Could not announce the URL: {result.message}")
+        return 1
+    output.ok(
+        console,
+        f"Control plane at {settings.api_local_url} now uses {url}{_describe(result)}.",
+    )
+    return 0

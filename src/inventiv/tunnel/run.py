@@ -6,11 +6,13 @@ API_HOST_PORT), so the tunnel can never point at another stack's port by mistake
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 
 from inventiv.config import Settings, env_file_path
@@ -30,7 +32,8 @@ from inventiv.tunnel.named import (
     write_config,
 )
 from inventiv.tunnel.process import CloudflaredProcess
-from inventiv.tunnel.publish import URLPublisher
+from inventiv.tunnel.publish import TunnelState, URLPublisher, read_state
+from inventiv.tunnel.stacksettings import URL_KEY
 from inventiv.tunnel.supervisor import Supervisor, SupervisorOptions
 
 # What cloudflared logs once a named tunnel's connection to the edge is up (old and new forms).
@@ -53,6 +56,19 @@ def _binary(console: Console) -> str | None:
         return None
 
 
+def running_tunnel(settings: Settings) -> TunnelState | None:
+    """The `inventiv tunnel` already serving this stack, if any (pid reuse is ruled out by
+    checking the process is still an `inventiv ... tunnel`)."""
+    state = read_state(settings)
+    if state is None or state.supervisor_pid == os.getpid():
+        return None
+    try:
+        cmdline = psutil.Process(state.supervisor_pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+    return state if "tunnel" in cmdline else None
+
+
 def _warn_if_api_down(settings: Settings, console: Console) -> None:
     found = probe_local_api(settings)
     if not found.is_inventiv_api:
@@ -71,6 +87,15 @@ def run_tunnel(
     options: SupervisorOptions | None = None,
 ) -> int:
     """Run and supervise cloudflared until interrupted; non-zero if it never came up."""
+    other = running_tunnel(settings)
+    if other is not None:
+        output.fail(
+            console,
+            f"`inventiv tunnel` already runs for this stack (pid {other.supervisor_pid}, "
+            f"{other.url}); two tunnels would fight over {URL_KEY}. Stop it first "
+            f"(kill {other.supervisor_pid}), or use another PORT_OFFSET.",
+        )
+        return 1
     binary = _binary(console)
     if binary is None:
         return 1
@@ -107,7 +132,7 @@ def run_tunnel(
                 lambda line: line if _REGISTERED_RE.search(line) else None,
                 timeout=options.url_timeout_s,
                 on_wait=on_wait,
-                what="a registered tunnel connection",
+                what="registered tunnel connection",
             )
             return url
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from inventiv.tunnel import output
-from inventiv.tunnel.process import CloudflaredProcess, TunnelStartError
+from inventiv.tunnel.process import CloudflaredProcess, TunnelCancelled, TunnelStartError
 
 POLL_S = 0.5
 
@@ -97,9 +97,14 @@ class Supervisor:
         first = True
         while not self.stop_event.is_set():
             proc = CloudflaredProcess(self.argv, echo=self._echo)
+            proc.cancel = self.stop_event
             proc.start()
             try:
                 url = self.url_source(proc, self._on_wait)
+            except TunnelCancelled:
+                output.info(self.console, "Stopping cloudflared.")
+                proc.stop()
+                break
             except TunnelStartError as exc:
                 proc.stop()
                 self._report_start_failure(exc)
@@ -144,6 +149,11 @@ class Supervisor:
 
     def _report_start_failure(self, exc: TunnelStartError) -> None:
         output.fail(self.console, str(exc))
+        output.info(
+            self.console,
+            "cloudflared needs outbound HTTPS to Cloudflare (api.trycloudflare.com for a quick "
+            "tunnel, then port 7844). Re-run with --verbose to see all of its output.",
+        )
         if exc.tail:
             output.info(self.console, "Last lines from cloudflared:")
             for line in exc.tail[-15:]:
