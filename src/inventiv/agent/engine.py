@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -25,6 +26,7 @@ from .config import AgentConfig, EngineKind
 log = logging.getLogger("inventiv.agent")
 
 PID_FILE = "engine.pid"
+PROBE_ACCESS_LOG = re.compile(rb'"GET /(?:metrics|v1/models) HTTP/[0-9.]+" 200')
 TAIL_BYTES = 2000
 # Secrets of the agent that the engine has no use for are not handed down to it.
 SCRUBBED_ENV = ("INVENTIV_BOOTSTRAP_TOKEN",)
@@ -215,6 +217,7 @@ class EngineSupervisor:
         self._proc = proc
         self.started_at = time.monotonic()
         self._write_pid(proc.pid)
+        guard = await self._start_guard(proc.pid)
         log.info("engine started (pid %d): %s", proc.pid, self.spec.display())
         if self.phase is not EnginePhase.ERROR:
             self._set_phase(EnginePhase.STARTING)
@@ -230,11 +233,44 @@ class EngineSupervisor:
                 await asyncio.wait_for(pump, 2.0)
             self._kill_group(proc.pid, signal.SIGKILL)  # helpers it left behind (GPU memory!)
             self._remove_pid()
+            await self._stop_guard(guard)
         if self._stopping.is_set():
             return
         tail = self._tail.decode(errors="replace").strip().splitlines()[-5:]
         detail = f"; last output: {' | '.join(tail)}" if tail else ""
         self._crashed(f"engine exited with code {code}{detail}"[:2000])
+
+    async def _start_guard(self, pgid: int) -> asyncio.subprocess.Process | None:
+        """Start the watchdog that kills the engine's group if this agent dies abruptly."""
+        try:
+            return await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "inventiv.agent.guard",
+                str(pgid),
+                str(self._stop_timeout_s),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            log.warning(
+                "engine: no guard process (%s); a SIGKILLed agent may leave it running", exc
+            )
+            return None
+
+    @staticmethod
+    async def _stop_guard(guard: asyncio.subprocess.Process | None) -> None:
+        if guard is None:
+            return
+        if guard.stdin is not None:
+            guard.stdin.close()  # EOF: the guard finds the group already gone and exits
+        try:
+            await asyncio.wait_for(guard.wait(), 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                guard.kill()
+            await guard.wait()
 
     def _crashed(self, message: str) -> None:
         self._crashes += 1
@@ -263,16 +299,34 @@ class EngineSupervisor:
             await asyncio.sleep(self._probe_interval_s)
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
-        """Forward the engine's output to ours, keeping a short tail for the error report."""
+        """Forward the engine's output to ours, keeping a short tail for the error report.
+
+        Access-log lines of the agent's own probes (GET /metrics, GET /v1/models) are dropped:
+        one per heartbeat would drown what the engine has to say.
+        """
         assert proc.stdout is not None
         out = getattr(sys.stderr, "buffer", None)
-        while chunk := await proc.stdout.read(65536):
-            self._tail += chunk
-            del self._tail[:-TAIL_BYTES]
-            if out is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    out.write(chunk)
-                    out.flush()
+        pending = b""
+        while True:
+            chunk = await proc.stdout.read(65536)
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                if len(pending) > 65536:  # a huge line without newline: pass it on as is
+                    lines.append(pending)
+                    pending = b""
+            else:
+                lines, pending = ([pending] if pending else []), b""
+            kept = b"".join(line + b"\n" for line in lines if not PROBE_ACCESS_LOG.search(line))
+            if kept:
+                self._tail += kept
+                del self._tail[:-TAIL_BYTES]
+                if out is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        out.write(kept)
+                        out.flush()
+            if not chunk:
+                return
 
     async def _watch_external(self) -> None:
         """WORKER_ENGINE=none: nothing to run; follow an engine managed elsewhere, if any."""

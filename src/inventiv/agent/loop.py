@@ -12,6 +12,7 @@ import random
 import signal
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
@@ -46,6 +47,9 @@ EXIT_AUTH = 3  # every token we have was refused
 EXIT_ORPHAN = 4  # dead-man switch: control plane unreachable for WORKER_ORPHAN_SHUTDOWN_S
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 3.0
+# Bounds on the interval the control plane dictates: a 0 must not become a busy loop.
+MIN_HEARTBEAT_INTERVAL_S = 0.05
+MAX_HEARTBEAT_INTERVAL_S = 300.0
 SHUTDOWN_COMMAND_TIMEOUT_S = 60.0
 
 
@@ -56,6 +60,10 @@ class AgentExit(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def _bounded(interval_s: float) -> float:
+    return min(MAX_HEARTBEAT_INTERVAL_S, max(MIN_HEARTBEAT_INTERVAL_S, interval_s))
 
 
 def _iso(ts: float) -> str:
@@ -99,6 +107,7 @@ class Agent:
         self._status_changed = asyncio.Event()
         self._url_changed = asyncio.Event()
         self._prepared = False
+        self._shutting_down = False
         self.engine: EngineSupervisor
         self.health: HealthServer
         self.http: httpx.AsyncClient
@@ -152,7 +161,12 @@ class Agent:
         return self.engine.spec.port
 
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Ask run() to stop the engine and return; safe to call from a signal handler."""
+        """Ask run() to stop the engine and return; a second request (an impatient second
+        Ctrl-C) kills the engine at once instead of waiting for its graceful exit."""
+        if self._stop.is_set() and self._prepared:
+            log.warning("%s again: killing the engine now", reason)
+            self.engine.kill_now()
+            return
         if self._stop_signal is None:
             self._stop_signal = reason
         self._stop.set()
@@ -167,15 +181,17 @@ class Agent:
             for sig in signals:
                 loop.add_signal_handler(sig, self.request_stop, f"received {sig.name}")
         atexit.register(self.engine.kill_now)
+        engine = self.config.engine.value
+        if self.engine.spec.argv is not None:
+            engine += f" on port {self.engine_port}"
         log.info(
-            "inventiv worker %s starting: instance %s, worker %s, control plane %s, engine %s "
-            "on port %d, health on %s:%d",
+            "inventiv worker %s starting: instance %s, worker %s, control plane %s, engine %s, "
+            "health on %s:%d",
             __version__,
             self.config.instance_id,
             self.creds.worker_id,
             self.urls.current,
-            self.config.engine.value,
-            self.engine_port,
+            engine,
             self.config.health_host,
             self.health_port,
         )
@@ -189,7 +205,7 @@ class Agent:
                 {control_task, stop_task, health_task, engine_task},
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            code = self._outcome(done, control_task, stop_task)
+            code = self._outcome(done, stop_task)
         finally:
             for task in (control_task, stop_task):
                 task.cancel()
@@ -200,12 +216,7 @@ class Agent:
             atexit.unregister(self.engine.kill_now)
         return code
 
-    def _outcome(
-        self,
-        done: set[asyncio.Task[object]],
-        control: asyncio.Task[object],
-        stop: asyncio.Task[object],
-    ) -> int:
+    def _outcome(self, done: set[asyncio.Task[Any]], stop: asyncio.Task[Any]) -> int:
         if stop in done:
             log.info("%s: stopping the engine and exiting", self._stop_signal)
             return EXIT_OK
@@ -223,6 +234,7 @@ class Agent:
     async def _shutdown(
         self, engine_task: asyncio.Task[None], health_task: asyncio.Task[None]
     ) -> None:
+        self._shutting_down = True  # the engine stopping now is not a status change to report
         await self.engine.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(engine_task, 5.0)
@@ -294,7 +306,7 @@ class Agent:
                 self.creds.store_worker_token(response.worker_token)
                 token, kind = response.worker_token, TokenKind.WORKER
             self._token, self._token_kind = token, kind
-            self._interval_s = response.heartbeat_interval_s
+            self._interval_s = _bounded(response.heartbeat_interval_s)
             self.state.registered = True
             self.state.registrations += 1
             log.info(
@@ -330,9 +342,10 @@ class Agent:
         self._backoff.reset()
         self.state.heartbeats_ok += 1
         self.state.last_heartbeat_ok_at = time.monotonic()
-        if response.heartbeat_interval_s != self._interval_s:
-            log.info("heartbeat interval now %gs", response.heartbeat_interval_s)
-            self._interval_s = response.heartbeat_interval_s
+        interval = _bounded(response.heartbeat_interval_s)
+        if interval != self._interval_s:
+            log.info("heartbeat interval now %gs", interval)
+            self._interval_s = interval
         if response.control_plane_url and response.control_plane_url != self.urls.current:
             try:
                 self._adopt_url(response.control_plane_url, "heartbeat response")
@@ -498,6 +511,8 @@ class Agent:
         self._refresh_status()
 
     def _refresh_status(self) -> None:
+        if self._shutting_down:
+            return
         if self.state.desired_state is DesiredState.DRAIN:
             status = WorkerStatus.DRAINING
         elif self.engine.phase is EnginePhase.ERROR:
