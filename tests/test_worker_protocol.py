@@ -134,6 +134,7 @@ def test_bootstrap_then_worker_token_then_heartbeats(db_stack: Stack) -> None:
         if view["heartbeat_seq"] == 7:
             break
         time.sleep(0.1)
+    assert view["heartbeat_seq"] == 7
     assert view["status"] == "ready"
     assert view["worker_id"] == worker_id
     assert view["gpus"] == gpus
@@ -239,3 +240,21 @@ def test_expired_bootstrap_token_is_401(stack_factory, db: str) -> None:
     response = call(stack, REGISTER, created["bootstrap_token"], register_body(created["id"]))
     body = assert_error(response, 401, "bootstrap_token_expired")
     assert "create a new instance" in body["message"]
+
+
+def test_heartbeats_of_many_workers_are_all_persisted(db_stack: Stack) -> None:
+    """Soft state is written in batches: every worker's latest heartbeat must land."""
+    workers = [registered(db_stack) for _ in range(6)]
+    for seq in (1, 2, 3):
+        for instance_id, token in workers:
+            hb = heartbeat_body(instance_id, seq=seq, queue_depth=seq)
+            assert call(db_stack, HEARTBEAT, token, hb).status_code == 200
+    deadline = time.monotonic() + 5
+    pending = {i for i, _ in workers}
+    while pending and time.monotonic() < deadline:
+        for instance_id in list(pending):
+            view = db_stack.get_instance(instance_id)
+            if view["heartbeat_seq"] == 3 and view["queue_depth"] == 3:
+                pending.discard(instance_id)
+        time.sleep(0.1)
+    assert not pending, f"heartbeats not persisted for {pending}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -151,13 +153,13 @@ def serve(
         from inventiv.orchestrator.app import create_app as create_orchestrator
 
         application = create_orchestrator(settings)
-        bind = host or "127.0.0.1"
+        bind = host or settings.orchestrator_bind_host
         listen = port or settings.orchestrator_port
     else:
         err.print(f"[red]Unknown service {service!r}; use `api` or `orchestrator`.[/red]")
         raise typer.Exit(code=2)
     settings.resolve_admin_token()
-    uvicorn.run(
+    config = uvicorn.Config(
         application,  # type: ignore[arg-type]
         host=bind,
         port=listen,
@@ -169,6 +171,35 @@ def serve(
         proxy_headers=False,  # the API sets X-Forwarded-For itself; never trust a client's
         lifespan="on",
     )
+    sockets = [listen_tcp(bind, listen)]
+    unix_path = settings.orchestrator_socket if service == "orchestrator" else None
+    if unix_path is not None:
+        sockets.append(listen_unix(unix_path))
+    uvicorn.Server(config).run(sockets=sockets)
+
+
+def listen_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        err.print(f"[red]Cannot listen on {host}:{port}: {exc.strerror}.[/red]")
+        raise typer.Exit(code=1) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def listen_unix(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    path.chmod(0o600)
+    sock.listen(2048)
+    return sock
 
 
 @db_app.command("upgrade")

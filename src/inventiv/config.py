@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     port_offset: int = Field(default=0, alias="PORT_OFFSET", ge=0, le=50000)
     api_host_port: int | None = Field(default=None, alias="API_HOST_PORT", ge=1, le=65535)
     api_bind_host: str = Field(default="127.0.0.1", alias="INVENTIV_API_BIND")
+    orchestrator_host: str = Field(default="127.0.0.1", alias="INVENTIV_ORCHESTRATOR_HOST")
+    orchestrator_bind_host: str = Field(
+        default="127.0.0.1", alias="INVENTIV_ORCHESTRATOR_BIND"
+    )
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     data_dir_override: Path | None = Field(default=None, alias="INVENTIV_DATA_DIR")
     worker_control_plane_url: str | None = Field(default=None, alias="WORKER_CONTROL_PLANE_URL")
@@ -186,7 +190,14 @@ class Settings(BaseSettings):
 
     @property
     def orchestrator_url(self) -> str:
-        return f"http://127.0.0.1:{self.orchestrator_port}"
+        return f"http://{self.orchestrator_host}:{self.orchestrator_port}"
+
+    @property
+    def orchestrator_socket(self) -> Path | None:
+        """A Unix socket beside the TCP port, for the API in the same data directory: the hop
+        skips the loopback TCP stack. None when the path is too long for a socket address."""
+        path = self.data_dir / "run" / "orchestrator.sock"
+        return path if len(str(path)) < 100 else None
 
     @cached_property
     def data_dir(self) -> Path:

@@ -6,6 +6,7 @@ the OpenAPI document at /docs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -61,10 +62,16 @@ class ApiApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.upstream = UpstreamPool(
-            "127.0.0.1", settings.orchestrator_port, timeout_s=settings.proxy_timeout_s
+            settings.orchestrator_host,
+            settings.orchestrator_port,
+            unix_path=settings.orchestrator_socket,
+            timeout_s=settings.proxy_timeout_s,
         )
         self.fastapi = build_fastapi(self.upstream)
         self._prefixes = forwarded_prefixes()
+        # Request ids: a random per-process prefix and a counter, unique without a syscall.
+        self._id_prefix = uuid.uuid4().hex[:16].encode()
+        self._ids = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self._prefixes):
@@ -86,7 +93,7 @@ class ApiApp:
             elif name not in _DROP_REQUEST:
                 headers.append((name, value))
         if not request_id:
-            request_id = uuid.uuid4().hex.encode()
+            request_id = b"%s-%x" % (self._id_prefix, next(self._ids))
         client = scope.get("client")
         headers.append((b"x-forwarded-for", (client[0] if client else "unknown").encode()))
         headers.append((b"x-request-id", request_id))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import httptools
 
@@ -131,9 +132,11 @@ class UpstreamPool:
         timeout_s: float = 10.0,
         connect_timeout_s: float = 2.0,
         max_idle: int = 128,
+        unix_path: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.unix_path = unix_path
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._idle: deque[_Connection] = deque()
@@ -142,11 +145,12 @@ class UpstreamPool:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        if self.unix_path is not None and self.unix_path.exists():
+            opening = loop.create_unix_connection(_Connection, str(self.unix_path))
+        else:
+            opening = loop.create_connection(_Connection, self.host, self.port)
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(_Connection, self.host, self.port),
-                self.connect_timeout_s,
-            )
+            _, conn = await asyncio.wait_for(opening, self.connect_timeout_s)
         except TimeoutError:
             raise UpstreamTimeout(f"connecting to {self.host}:{self.port} timed out") from None
         except OSError as exc:

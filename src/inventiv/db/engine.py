@@ -18,7 +18,9 @@ def create_engine(url: str) -> AsyncEngine:
     checkpoint instead of per commit, which is what lets heartbeat batches stay cheap."""
     kwargs: dict[str, Any] = {}
     if is_sqlite(url):
-        kwargs["connect_args"] = {"timeout": 30}
+        # SQLite has one writer at a time: one connection serialises work in order instead of
+        # letting sessions fight over the database lock with busy-waits.
+        kwargs.update(connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=60)
     else:
         kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
     engine = create_async_engine(url, **kwargs)

@@ -110,6 +110,7 @@ def build_fastapi(settings: Settings) -> FastAPI:
         app.state.control_url = control_url
         background = [
             asyncio.create_task(workers.batcher.run(), name="heartbeat-flush"),
+            asyncio.create_task(workers.cache.run(), name="worker-cache"),
             asyncio.create_task(control_url.run_refresher(), name="url-refresh"),
         ]
         jobs.start()

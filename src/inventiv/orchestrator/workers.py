@@ -14,12 +14,10 @@ import asyncio
 import hmac
 import logging
 import secrets
-import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from inventiv.asgi import HTTPError
@@ -33,6 +31,7 @@ from inventiv.orchestrator.lifecycle import (
     record_event,
     transition,
 )
+from inventiv.orchestrator.worker_cache import CachedInstance, WorkerCache
 from inventiv.protocol import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -44,7 +43,6 @@ from inventiv.protocol import (
 
 log = logging.getLogger("inventiv.orchestrator.workers")
 
-CACHE_TTL_S = 5.0
 BOOTSTRAP = "bootstrap"
 WORKER = "worker"
 
@@ -53,19 +51,13 @@ def new_token(kind: str) -> str:
     return f"ivt_{kind[:4]}_{secrets.token_urlsafe(32)}"
 
 
-@dataclass(slots=True)
-class CachedToken:
-    instance_id: str
-    kind: str
-    revoked: bool
-    fetched_at: float
-
-
-@dataclass(slots=True)
-class CachedInstance:
-    status: str
-    worker_status: str | None
-    fetched_at: float
+def instance_not_found(instance_id: str) -> HTTPError:
+    return HTTPError(
+        404,
+        "instance_not_found",
+        f"Instance {instance_id} does not exist on this control plane; check INSTANCE_ID or "
+        "create the instance again.",
+    )
 
 
 def unauthorized(code: str, message: str) -> HTTPError:
@@ -78,21 +70,14 @@ class HeartbeatBatcher:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], period_s: float) -> None:
         self._sessions = sessions
         self._period_s = period_s
-        self._pending: dict[str, dict[str, Any]] = {}
+        self._pending: dict[str, tuple[datetime, HeartbeatRequest]] = {}
         self._lock = asyncio.Lock()
         self.flushed = 0
 
     def put(self, instance_id: str, at: datetime, hb: HeartbeatRequest) -> None:
-        self._pending[instance_id] = {
-            "b_id": instance_id,
-            "last_heartbeat_at": at,
-            "heartbeat_seq": hb.seq,
-            "worker_status": hb.status.value,
-            "queue_depth": hb.queue_depth,
-            "requests_running": hb.requests_running,
-            "metrics": soft_metrics(hb),
-            "updated_at": at,
-        }
+        # Only the latest heartbeat per instance is kept; it is turned into row values at flush
+        # time, so a worker heartbeating several times per flush is serialised once.
+        self._pending[instance_id] = (at, hb)
 
     async def flush(self) -> int:
         """Write pending heartbeats; safe to call from several tasks (the watchdog flushes
@@ -100,12 +85,15 @@ class HeartbeatBatcher:
         async with self._lock:
             if not self._pending:
                 return 0
-            batch, self._pending = list(self._pending.values()), {}
+            pending, self._pending = self._pending, {}
+            batch = [row_values(i, at, hb) for i, (at, hb) in pending.items()]
             table = Instance.__table__
             statement = (
                 update(table)
                 .where(table.c.id == bindparam("b_id"))
-                .where(table.c.status.not_in([s.value for s in ENDING]))
+                # Plain != terms: an IN list would be an "expanding" parameter, which
+                # executemany cannot take.
+                .where(*(table.c.status != s.value for s in ENDING))
                 .values(
                     last_heartbeat_at=bindparam("last_heartbeat_at"),
                     heartbeat_seq=bindparam("heartbeat_seq"),
@@ -132,6 +120,19 @@ class HeartbeatBatcher:
                 log.exception("heartbeat flush failed")
 
 
+def row_values(instance_id: str, at: datetime, hb: HeartbeatRequest) -> dict[str, Any]:
+    return {
+        "b_id": instance_id,
+        "last_heartbeat_at": at,
+        "heartbeat_seq": hb.seq,
+        "worker_status": hb.status.value,
+        "queue_depth": hb.queue_depth,
+        "requests_running": hb.requests_running,
+        "metrics": soft_metrics(hb),
+        "updated_at": at,
+    }
+
+
 def soft_metrics(hb: HeartbeatRequest) -> dict[str, Any]:
     return {
         "gpus": [g.model_dump(exclude_none=True) for g in hb.gpus],
@@ -154,64 +155,17 @@ class WorkerProtocol:
         self._settings = settings
         self._sessions = sessions
         self._control_plane_url = control_plane_url
-        self._tokens: dict[str, CachedToken] = {}
-        self._instances: dict[str, CachedInstance] = {}
+        self.cache = WorkerCache(sessions)
+        self._answers: dict[tuple[str, str | None], bytes] = {}
         self.batcher = HeartbeatBatcher(sessions, settings.heartbeat_flush_s)
 
-    # -- caches -----------------------------------------------------------------------------
+    # -- cache ----------------------------------------------------------------------------
 
     def forget_instance(self, instance_id: str) -> None:
-        self._instances.pop(instance_id, None)
-        for key in [k for k, v in self._tokens.items() if v.instance_id == instance_id]:
-            del self._tokens[key]
+        self.cache.forget(instance_id)
 
     def note_status(self, instance_id: str, status: str) -> None:
-        cached = self._instances.get(instance_id)
-        if cached is not None:
-            cached.status = status
-
-    async def _instance(self, instance_id: str, now: float) -> CachedInstance:
-        cached = self._instances.get(instance_id)
-        if cached is not None and now - cached.fetched_at < CACHE_TTL_S:
-            return cached
-        async with self._sessions() as session:
-            row = (
-                await session.execute(
-                    select(Instance.status, Instance.worker_status).where(
-                        Instance.id == instance_id
-                    )
-                )
-            ).first()
-        if row is None:
-            self._instances.pop(instance_id, None)
-            raise HTTPError(
-                404,
-                "instance_not_found",
-                f"Instance {instance_id} does not exist on this control plane; check INSTANCE_ID "
-                "or create the instance again.",
-            )
-        cached = CachedInstance(status=row[0], worker_status=row[1], fetched_at=now)
-        self._instances[instance_id] = cached
-        return cached
-
-    async def _token(self, token_hash: str, now: float) -> CachedToken | None:
-        cached = self._tokens.get(token_hash)
-        if cached is not None and now - cached.fetched_at < CACHE_TTL_S:
-            return cached
-        async with self._sessions() as session:
-            row = await session.get(WorkerToken, token_hash)
-        if row is None:
-            self._tokens.pop(token_hash, None)
-            return None
-        cached = CachedToken(
-            instance_id=row.instance_id,
-            kind=row.kind,
-            revoked=row.revoked_at is not None,
-            fetched_at=now,
-        )
-        if row.kind == WORKER:  # bootstrap tokens are checked against the database every time
-            self._tokens[token_hash] = cached
-        return cached
+        self.cache.note_status(instance_id, status)
 
     # -- register ---------------------------------------------------------------------------
 
@@ -222,12 +176,7 @@ class WorkerProtocol:
         async with self._sessions() as session:
             instance = await session.get(Instance, instance_id)
             if instance is None:
-                raise HTTPError(
-                    404,
-                    "instance_not_found",
-                    f"Instance {instance_id} does not exist on this control plane; check "
-                    "INSTANCE_ID or create the instance again.",
-                )
+                raise instance_not_found(instance_id)
             record = await session.get(WorkerToken, token_hash)
             self._check_token(record, token_hash, instance_id)
             assert record is not None
@@ -379,11 +328,11 @@ class WorkerProtocol:
     # -- heartbeat --------------------------------------------------------------------------
 
     async def heartbeat(self, token: str, req: HeartbeatRequest) -> bytes:
-        now_mono = time.monotonic()
         instance_id = str(req.instance_id)
-        instance = await self._instance(instance_id, now_mono)
-        token_hash = hash_token(token)
-        record = await self._token(token_hash, now_mono)
+        instance = await self.cache.instance(instance_id)
+        if instance is None:
+            raise instance_not_found(instance_id)
+        record = await self.cache.token(hash_token(token))
         if record is None:
             raise unauthorized(
                 "invalid_token",
@@ -413,15 +362,26 @@ class WorkerProtocol:
         if target is not None or req.status.value != instance.worker_status:
             await self._apply_heartbeat_change(instance_id, instance, target, req, now)
         self.batcher.put(instance_id, now, req)
-        return (
-            HeartbeatResponse(
-                heartbeat_interval_s=self._settings.heartbeat_interval_s,
-                desired_state=desired_state(instance.status),
-                control_plane_url=self._control_plane_url(),
+        return self._heartbeat_answer(instance.status)
+
+    def _heartbeat_answer(self, status: str) -> bytes:
+        """Answers depend only on the state and the URL in force, so they are encoded once."""
+        key = (status, self._control_plane_url())
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = (
+                HeartbeatResponse(
+                    heartbeat_interval_s=self._settings.heartbeat_interval_s,
+                    desired_state=desired_state(status),
+                    control_plane_url=key[1],
+                )
+                .model_dump_json(exclude_none=True)
+                .encode()
             )
-            .model_dump_json(exclude_none=True)
-            .encode()
-        )
+            if len(self._answers) > 64:
+                self._answers.clear()
+            self._answers[key] = answer
+        return answer
 
     async def _apply_heartbeat_change(
         self,

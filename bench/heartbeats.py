@@ -1,0 +1,350 @@
+"""Heartbeat throughput and latency, end to end, side by side with a plain FastAPI endpoint.
+
+Starts a real stack (orchestrator + API processes), creates and registers N workers, then drives
+authenticated heartbeats with wrk (a C load generator, so the client costs little CPU) at 32
+connections:
+
+  1. end to end: wrk -> API -> keep-alive proxy -> orchestrator -> batched database write;
+  2. the orchestrator alone (what the proxy hop costs);
+  3. the baseline: one plain FastAPI process doing the same validation, token check and write.
+
+All three run in one invocation on the same machine, so the ratios hold even on a noisy host.
+Writes the figures into docs/benchmarks.md.
+
+    python bench/heartbeats.py [--seconds 15] [--workers 200] [--connections 32]
+                               [--db sqlite|postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks.md"
+SECTION = "heartbeats"
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+
+
+def free_offset() -> int:
+    for offset in range(31000, 40000, 10):
+        ok = True
+        for port in (8001 + offset, 8003 + offset, 8005 + offset):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    ok = False
+        if ok:
+            return offset
+    raise RuntimeError("no free ports")
+
+
+def wait(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1, trust_env=False)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def lua_script(path: Path, target: str, workers: list[tuple[str, str]]) -> None:
+    """wrk script: each request is a random registered worker's heartbeat with a rising seq."""
+    entries = ",\n".join(f'  {{"{token}", "{instance}"}}' for instance, token in workers)
+    body = json.dumps(
+        {
+            "instance_id": "%s",
+            "worker_id": str(uuid.uuid4()),
+            "seq": 0,
+            "status": "ready",
+            "model_id": "echo",
+            "queue_depth": 1,
+            "requests_running": 2,
+            "gpus": [
+                {
+                    "index": 0,
+                    "utilization": 50.0,
+                    "memory_used_mb": 1000,
+                    "memory_total_mb": 23034,
+                    "temperature_c": 60,
+                    "power_w": 70.5,
+                }
+            ],
+            "system": {"cpu_percent": 10.0, "load1": 0.5},
+        }
+    ).replace('"seq": 0', '"seq": %d')
+    path.write_text(
+        f"""
+local workers = {{
+{entries}
+}}
+local seq = 0
+math.randomseed(os.time())
+request = function()
+  seq = seq + 1
+  local w = workers[math.random(#workers)]
+  local body = string.format('{body}', w[2], seq)
+  return wrk.format("POST", "{target}", {{
+    ["Authorization"] = "Bearer " .. w[1],
+    ["Content-Type"] = "application/json",
+  }}, body)
+end
+"""
+    )
+
+
+def parse_wrk(name: str, output: str) -> Result:
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+        if not match:
+            raise ValueError(f"no {label}% latency in wrk output:\n{output}")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    errors = int(bad.group(1)) if bad else 0
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    return Result(name, rps, latency("50"), latency("99"), errors, total)
+
+
+def run_wrk(name: str, url: str, script: Path, seconds: int, connections: int) -> Result:
+    subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", "-d2s", "-s", str(script), url],
+        check=True,
+        capture_output=True,
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    result = parse_wrk(name, out)
+    print(
+        f"{name:28} {result.rps:9.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
+        f"p99 {result.p99_ms:6.2f} ms  errors {result.errors}",
+        flush=True,
+    )
+    return result
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGINT)  # lets a profiler wrapping the process write its output
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--workers", type=int, default=200)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--pg-url", default=os.environ.get("INVENTIV_TEST_PG_URL", ""))
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is needed: apt-get install wrk", file=sys.stderr)
+        return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="inventiv-bench-"))
+    offset = free_offset()
+    if args.db == "postgres":
+        import asyncio
+
+        import asyncpg
+
+        name = f"inventiv_bench_{uuid.uuid4().hex[:8]}"
+        dsn = args.pg_url.replace("postgresql+asyncpg://", "postgresql://")
+
+        async def create() -> None:
+            conn = await asyncpg.connect(dsn)
+            await conn.execute(f'CREATE DATABASE "{name}"')
+            await conn.close()
+
+        asyncio.run(create())
+        database_url = args.pg_url.rpartition("/")[0] + "/" + name
+    else:
+        database_url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
+    admin = "bench-" + uuid.uuid4().hex
+    env = {
+        **os.environ,
+        "PORT_OFFSET": str(offset),
+        "INVENTIV_DATA_DIR": str(tmp),
+        "INVENTIV_ADMIN_TOKEN": admin,
+        "DATABASE_URL": database_url,
+        "INVENTIV_ENV_FILE": str(tmp / "none.env"),
+        "INVENTIV_LOG_LEVEL": "warning",
+    }
+    cli = [sys.executable, "-m", "inventiv.cli", "serve"]
+    profile = os.environ.get("BENCH_PROFILE")  # e.g. py-spy record -o prof.svg --
+    prefix = profile.split() if profile else []
+    orchestrator = spawn([*prefix, *cli, "orchestrator"], env, tmp / "orchestrator.log")
+    api_profile = os.environ.get("BENCH_PROFILE_API")
+    api = spawn([*(api_profile.split() if api_profile else []), *cli, "api"], env, tmp / "api.log")
+    api_url = f"http://127.0.0.1:{8003 + offset}"
+    orch_url = f"http://127.0.0.1:{8001 + offset}"
+    results: list[Result] = []
+    try:
+        wait(orch_url + "/healthz")
+        wait(api_url + "/")
+        workers = []
+        with httpx.Client(
+            base_url=api_url, headers={"authorization": f"Bearer {admin}"}, trust_env=False
+        ) as client:
+            for _ in range(args.workers):
+                created = client.post(
+                    "/api/instances", json={"provider": "manual", "model": "echo"}
+                ).json()
+                answer = client.post(
+                    "/internal/worker/register",
+                    json={
+                        "instance_id": created["id"],
+                        "worker_id": str(uuid.uuid4()),
+                        "agent_version": "bench",
+                    },
+                    headers={"authorization": f"Bearer {created['bootstrap_token']}"},
+                ).json()
+                workers.append((created["id"], answer["worker_token"]))
+        script = tmp / "heartbeat.lua"
+        lua_script(script, "/internal/worker/heartbeat", workers)
+        print(f"{args.workers} workers; {args.connections} connections, {args.seconds} s each")
+        results.append(
+            run_wrk(
+                "end to end (API+orchestrator)", api_url, script, args.seconds, args.connections
+            )
+        )
+        results.append(
+            run_wrk("orchestrator alone", orch_url, script, args.seconds, args.connections)
+        )
+        with httpx.Client(
+            base_url=api_url, headers={"authorization": f"Bearer {admin}"}, trust_env=False
+        ) as client:
+            time.sleep(0.5)
+            items = client.get("/api/instances").json()["items"]
+        persisted = sum(1 for i in items if (i["heartbeat_seq"] or 0) > 0)
+        print(f"persisted: {persisted}/{len(items)} instances carry a benchmark heartbeat")
+    finally:
+        stop(api)
+        stop(orchestrator)
+    baseline_port = 8005 + offset
+    baseline = spawn(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "baseline_fastapi.py"),
+            str(baseline_port),
+            database_url,
+        ],
+        env,
+        tmp / "baseline.log",
+    )
+    try:
+        wait(f"http://127.0.0.1:{baseline_port}/docs")
+        results.append(
+            run_wrk(
+                "plain FastAPI baseline",
+                f"http://127.0.0.1:{baseline_port}",
+                script,
+                args.seconds,
+                args.connections,
+            )
+        )
+    finally:
+        stop(baseline)
+    end_to_end, _, base = results
+    ratio = end_to_end.rps / base.rps
+    print(f"end to end / baseline = {ratio:.2f}x")
+    if not args.no_write:
+        write_docs(args, results, ratio, persisted, len(items))
+    if os.environ.get("BENCH_KEEP"):
+        print(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def write_docs(
+    args: argparse.Namespace, results: list[Result], ratio: float, persisted: int, total: int
+) -> None:
+    command = (
+        f"python bench/heartbeats.py --seconds {args.seconds} --workers {args.workers} "
+        f"--connections {args.connections} --db {args.db}"
+    )
+    machine = f"{os.cpu_count()} cores, Python {platform.python_version()}"
+    rows = "\n".join(
+        f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} |"
+        for r in results
+    )
+    section = f"""<!-- {SECTION}:{args.db}:start -->
+### Heartbeats, {args.db} ({time.strftime("%Y-%m-%d")}, {machine})
+
+`{command}`
+
+{args.workers} registered workers, {args.connections} connections, {args.seconds} s per target after
+a 2 s warm-up, wrk with one thread. Every request is an authenticated heartbeat with a rising
+`seq`; the end-to-end run crosses the API, its keep-alive proxy and the orchestrator, and
+{persisted}/{total} instances carried a benchmark heartbeat in the database afterwards.
+
+| target | requests/s | p50 ms | p99 ms | errors |
+|---|---|---|---|---|
+{rows}
+
+End to end / plain FastAPI baseline: **{ratio:.2f}x**.
+<!-- {SECTION}:{args.db}:end -->"""
+    text = (
+        DOCS.read_text()
+        if DOCS.exists()
+        else "# Benchmarks\n\nFigures measured on this project's machines, with the command "
+        "that produced them.\n"
+    )
+    pattern = re.compile(
+        rf"<!-- {SECTION}:{args.db}:start -->.*?<!-- {SECTION}:{args.db}:end -->", re.S
+    )
+    text = (
+        pattern.sub(section, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + section + "\n"
+    )
+    DOCS.write_text(text)
+    print(f"wrote {DOCS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
