@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## Create .venv and install Inventiv with its development tools
 
 up: $(STAMP)  ## Start the control plane (API + orchestrator) on SQLite, in the background
-	$(BIN)/inventiv up
+	$(BIN)/inventiv up --local-worker
 
 down: $(STAMP)  ## Stop this PORT_OFFSET's stack
 	$(BIN)/inventiv down

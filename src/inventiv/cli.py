@@ -13,6 +13,7 @@ import uvicorn
 from rich.console import Console
 
 from inventiv import __version__
+from inventiv.admin_cli import call, instances_app, wait_ready
 from inventiv.agent.cli import worker
 from inventiv.config import ControlPlaneURLError, Settings, load_settings
 from inventiv.engines.cli import engine_app
@@ -27,6 +28,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(engine_app, name="engine")
+app.add_typer(instances_app, name="instances")
 app.command("worker")(worker)
 app.command("expose")(expose)
 app.command("tunnel")(tunnel)
@@ -55,6 +57,13 @@ def up(
     foreground: Annotated[
         bool, typer.Option("--foreground", help="Run in this terminal; Ctrl-C stops.")
     ] = False,
+    local_worker: Annotated[
+        bool,
+        typer.Option(
+            "--local-worker",
+            help="Also make sure one local worker (echo engine) runs, and wait until it is ready.",
+        ),
+    ] = False,
 ) -> None:
     """Start the orchestrator and the API for this PORT_OFFSET, and wait until both answer."""
     settings = settings_or_exit()
@@ -70,6 +79,29 @@ def up(
     if not started:
         console.print("[yellow]Already running.[/yellow]")
     print_stack(settings, token if generated else None)
+    if local_worker:
+        ensure_local_worker()
+
+
+def ensure_local_worker() -> None:
+    """One local echo worker, reused if one is already live: `make up` shows the whole loop."""
+    live = [
+        i
+        for i in call("GET", "/api/instances", params={"include_terminated": False})["items"]
+        if i["provider"] == "local"
+        and i["status"] not in ("terminating",)
+        and not i["status"].endswith("failed")
+    ]
+    if live:
+        console.print(f"Local worker {live[0]['id']} is {live[0]['status']}.")
+        return
+    created = call("POST", "/api/instances", json={"provider": "local", "model": "echo"})
+    console.print(f"Starting local worker {created['id']} (echo engine):")
+    wait_ready(created["id"], 60.0)
+    console.print(
+        "Watch it: `.venv/bin/inventiv instances list`, "
+        f"`.venv/bin/inventiv instances events {created['id']}`, or {'/docs'} on the API."
+    )
 
 
 def print_stack(settings: Settings, new_token: str | None) -> None:

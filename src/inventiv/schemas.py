@@ -63,12 +63,17 @@ class InstanceView(BaseModel):
 
 
 class CreatedInstance(InstanceView):
-    bootstrap_token: str = Field(description="Single-use, shown only in this response.")
-    bootstrap_token_expires_at: datetime
-    agent_env: dict[str, str] = Field(
-        description="The environment to give `inventiv worker` on the machine."
+    bootstrap_token: str | None = Field(
+        default=None,
+        description="Manual instances only: single use, shown only in this response. Machines "
+        "Inventiv creates get theirs in their boot settings and it is never shown.",
     )
-    agent_command: str
+    bootstrap_token_expires_at: datetime | None = None
+    agent_env: dict[str, str] | None = Field(
+        default=None,
+        description="Manual instances: the environment to give `inventiv worker` on the machine.",
+    )
+    agent_command: str | None = None
     warnings: list[str] = []
 
 

@@ -84,7 +84,7 @@ class AgentConfig:
     engine_restart_base_s: float = 1.0
     engine_restart_cap_s: float = 60.0
     engine_crash_limit: int = 3
-    ready_probe_interval_s: float = 1.0
+    ready_probe_interval_s: float = 0.25
     extra_engine_env: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> AgentConfig:

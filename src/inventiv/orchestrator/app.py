@@ -94,7 +94,9 @@ def build_fastapi(settings: Settings) -> FastAPI:
         await control_url.refresh()
         wake = asyncio.Event()
         workers = WorkerProtocol(settings, sessions, control_url)
-        instances = InstanceService(settings, sessions, stack_id, control_url, wake, set(providers))
+        instances = InstanceService(
+            settings, sessions, stack_id, control_url, wake, set(providers), workers.forget_instance
+        )
         jobs = Jobs(
             settings,
             sessions,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy import select, update
@@ -14,8 +15,7 @@ from inventiv.asgi import HTTPError
 from inventiv.config import Settings
 from inventiv.db.models import Instance, InstanceEvent, WorkerToken, utcnow
 from inventiv.orchestrator.lifecycle import PROGRESS, S, Status, record_event, transition
-from inventiv.orchestrator.workers import BOOTSTRAP, expiry, new_token
-from inventiv.protocol import hash_token
+from inventiv.orchestrator.workers import issue_bootstrap_token
 from inventiv.providers.base import WorkerBoot
 from inventiv.schemas import (
     CreatedInstance,
@@ -89,6 +89,7 @@ class InstanceService:
         control_plane_url: object,
         wake: asyncio.Event,
         providers: set[str],
+        forget: Callable[[str], None],
     ) -> None:
         self._settings = settings
         self._sessions = sessions
@@ -96,6 +97,7 @@ class InstanceService:
         self._control_plane_url = control_plane_url
         self._wake = wake
         self._providers = providers
+        self._forget = forget
 
     async def create(self, req: CreateInstanceRequest) -> CreatedInstance:
         if req.provider not in self._providers:
@@ -109,8 +111,6 @@ class InstanceService:
         now = utcnow()
         instance_id = str(uuid.uuid4())
         engine = req.engine or ("echo" if req.model == "echo" else "vllm")
-        token = new_token(BOOTSTRAP)
-        expires_at = expiry(self._settings)
         row = Instance(
             id=instance_id,
             stack_id=self._stack_id,
@@ -136,15 +136,6 @@ class InstanceService:
         async with self._sessions() as session:
             session.add(row)
             await session.flush()
-            session.add(
-                WorkerToken(
-                    token_hash=hash_token(token),
-                    instance_id=instance_id,
-                    kind=BOOTSTRAP,
-                    created_at=now,
-                    expires_at=expires_at,
-                )
-            )
             await record_event(
                 session,
                 instance_id,
@@ -153,15 +144,16 @@ class InstanceService:
                 to_status=S.PROVISIONING.value,
                 message=f"Instance created on provider {req.provider} for model {req.model}.",
             )
-            await record_event(
-                session,
-                instance_id,
-                "token_issued",
-                reason="bootstrap",
-                message=f"Bootstrap token issued, single use, expires {expires_at.isoformat()}.",
-            )
+            token, expires_at = None, None
+            if req.provider == "manual":  # others get theirs in the machine's boot settings
+                token, expires_at = await issue_bootstrap_token(
+                    session, instance_id, self._settings, "the operator (create answer)"
+                )
             await session.commit()
         self._wake.set()
+        view = instance_view(row)
+        if token is None:
+            return CreatedInstance(**view.model_dump(), agent_command=None)
         url, warnings = self.worker_url()
         boot = WorkerBoot(
             control_plane_url=url,
@@ -170,7 +162,6 @@ class InstanceService:
             model=req.model,
             engine=engine,
         )
-        view = instance_view(row)
         return CreatedInstance(
             **view.model_dump(),
             bootstrap_token=token,
@@ -258,6 +249,7 @@ class InstanceService:
                 message="Termination requested by the operator.",
             )
             await session.commit()
+        self._forget(instance_id)  # the next heartbeat must hear `terminate`, not a cached `run`
         self._wake.set()
         return await self.get(instance_id)
 

@@ -20,12 +20,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from inventiv.config import Settings
-from inventiv.db.models import Instance, WorkerToken, utcnow
+from inventiv.db.models import Instance, utcnow
 from inventiv.orchestrator import leases
 from inventiv.orchestrator.instances import revoke_tokens
 from inventiv.orchestrator.lifecycle import FAILED, S, record_event, transition
-from inventiv.orchestrator.workers import BOOTSTRAP, WorkerProtocol, expiry, new_token
-from inventiv.protocol import hash_token
+from inventiv.orchestrator.workers import WorkerProtocol, issue_bootstrap_token
 from inventiv.providers.base import (
     Machine,
     MachineSpec,
@@ -60,6 +59,7 @@ class Jobs:
         self.wake = wake
         self.holder = f"orch-{secrets.token_hex(6)}"
         self._orphans_seen: dict[str, datetime] = {}
+        self._stopped_reported: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -101,7 +101,8 @@ class Jobs:
                 await asyncio.sleep(every)
 
     async def _claim(self, status: S, limit: int = 20) -> list[Instance]:
-        """Rows in `status`, locked with SKIP LOCKED on PostgreSQL so replicas split them."""
+        """Rows in `status` for this stack. Only the replica holding the job's lease calls it,
+        and every change it then makes is a conditional transition, so a row is handled once."""
         async with self.sessions() as session:
             query = (
                 select(Instance)
@@ -109,8 +110,6 @@ class Jobs:
                 .order_by(Instance.created_at)
                 .limit(limit)
             )
-            if session.bind.dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
             return list((await session.scalars(query)).all())
 
     # -- provisioning -----------------------------------------------------------------------
@@ -184,24 +183,9 @@ class Jobs:
         a manual instance already handed its token to the operator."""
         if row.provider == "manual":
             return None
-        token = new_token(BOOTSTRAP)
-        now = utcnow()
         async with self.sessions() as session:
-            session.add(
-                WorkerToken(
-                    token_hash=hash_token(token),
-                    instance_id=row.id,
-                    kind=BOOTSTRAP,
-                    created_at=now,
-                    expires_at=expiry(self.settings),
-                )
-            )
-            await record_event(
-                session,
-                row.id,
-                "token_issued",
-                reason="bootstrap",
-                message="Bootstrap token issued to the machine's boot settings.",
+            token, _ = await issue_bootstrap_token(
+                session, row.id, self.settings, "the machine's boot settings"
             )
             await session.commit()
         return token
@@ -458,6 +442,20 @@ class Jobs:
                 if row.status in (S.TERMINATED.value,) or row.terminated_at is not None:
                     continue
                 machine = seen.get(row.provider_id)
+                if machine is not None and machine.state == MachineState.STOPPED:
+                    if row.provider_id not in self._stopped_reported:
+                        self._stopped_reported.add(row.provider_id)
+                        await record_event(
+                            session,
+                            row.id,
+                            "machine_stopped",
+                            reason="provider_reports_stopped",
+                            message=f"Machine {row.provider_id} is stopped at {name}; its "
+                            "worker cannot heartbeat until it runs again.",
+                        )
+                    continue
+                if machine is not None:
+                    self._stopped_reported.discard(row.provider_id)
                 if machine is None or machine.state == MachineState.GONE:
                     # A just-created machine may not be listed yet: give it the orphan grace.
                     if now - row.status_changed_at < timedelta(seconds=30):

@@ -127,4 +127,3 @@ class WorkerCache:
             except Exception:
                 log.exception("worker cache refresh failed; serving the previous view")
             await asyncio.sleep(REFRESH_S)
-

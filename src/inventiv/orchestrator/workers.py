@@ -24,7 +24,6 @@ from inventiv.asgi import HTTPError
 from inventiv.config import Settings
 from inventiv.db.models import Instance, WorkerToken, utcnow
 from inventiv.orchestrator.lifecycle import (
-    ENDING,
     S,
     Status,
     desired_state,
@@ -91,9 +90,10 @@ class HeartbeatBatcher:
             statement = (
                 update(table)
                 .where(table.c.id == bindparam("b_id"))
-                # Plain != terms: an IN list would be an "expanding" parameter, which
-                # executemany cannot take.
-                .where(*(table.c.status != s.value for s in ENDING))
+                # A terminating instance still records heartbeats: the terminator waits for one
+                # to know the worker heard `terminate`. (`!=`, not an IN list: executemany
+                # cannot take an "expanding" parameter.)
+                .where(table.c.status != S.TERMINATED.value)
                 .values(
                     last_heartbeat_at=bindparam("last_heartbeat_at"),
                     heartbeat_seq=bindparam("heartbeat_seq"),
@@ -447,5 +447,28 @@ def heartbeat_message(current: str, req: HeartbeatRequest) -> str:
     return f"The worker reports {req.status.value}."
 
 
-def expiry(settings: Settings) -> datetime:
-    return utcnow() + timedelta(seconds=settings.bootstrap_token_ttl_s)
+async def issue_bootstrap_token(
+    session: AsyncSession, instance_id: str, settings: Settings, given_to: str
+) -> tuple[str, datetime]:
+    """Mint an instance's single-use bootstrap token; only its hash is stored."""
+    token = new_token(BOOTSTRAP)
+    now = utcnow()
+    expires_at = now + timedelta(seconds=settings.bootstrap_token_ttl_s)
+    session.add(
+        WorkerToken(
+            token_hash=hash_token(token),
+            instance_id=instance_id,
+            kind=BOOTSTRAP,
+            created_at=now,
+            expires_at=expires_at,
+        )
+    )
+    await record_event(
+        session,
+        instance_id,
+        "token_issued",
+        reason="bootstrap",
+        message=f"Bootstrap token issued to {given_to}; single use, expires "
+        f"{expires_at.isoformat(timespec='seconds')}.",
+    )
+    return token, expires_at
