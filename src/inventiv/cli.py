@@ -207,7 +207,11 @@ def serve(
     unix_path = settings.orchestrator_socket if service == "orchestrator" else None
     if unix_path is not None:
         sockets.append(listen_unix(unix_path))
-    uvicorn.Server(config).run(sockets=sockets)
+    try:
+        uvicorn.Server(config).run(sockets=sockets)
+    finally:
+        if unix_path is not None:
+            unix_path.unlink(missing_ok=True)
 
 
 def listen_tcp(host: str, port: int) -> socket.socket:

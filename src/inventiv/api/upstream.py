@@ -144,13 +144,23 @@ class UpstreamPool:
         self._host_header = f"{host}:{port}".encode()
 
     async def _connect(self) -> _Connection:
+        """Prefer the Unix socket when the orchestrator publishes one; a stale socket file
+        (orchestrator gone, or in another container) falls back to TCP."""
         loop = asyncio.get_running_loop()
         if self.unix_path is not None and self.unix_path.exists():
-            opening = loop.create_unix_connection(_Connection, str(self.unix_path))
-        else:
-            opening = loop.create_connection(_Connection, self.host, self.port)
+            try:
+                _, conn = await asyncio.wait_for(
+                    loop.create_unix_connection(_Connection, str(self.unix_path)),
+                    self.connect_timeout_s,
+                )
+                return conn
+            except (OSError, TimeoutError):
+                pass
         try:
-            _, conn = await asyncio.wait_for(opening, self.connect_timeout_s)
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(_Connection, self.host, self.port),
+                self.connect_timeout_s,
+            )
         except TimeoutError:
             raise UpstreamTimeout(f"connecting to {self.host}:{self.port} timed out") from None
         except OSError as exc:
