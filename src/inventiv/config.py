@@ -133,9 +133,7 @@ class Settings(BaseSettings):
     api_host_port: int | None = Field(default=None, alias="API_HOST_PORT", ge=1, le=65535)
     api_bind_host: str = Field(default="127.0.0.1", alias="INVENTIV_API_BIND")
     orchestrator_host: str = Field(default="127.0.0.1", alias="INVENTIV_ORCHESTRATOR_HOST")
-    orchestrator_bind_host: str = Field(
-        default="127.0.0.1", alias="INVENTIV_ORCHESTRATOR_BIND"
-    )
+    orchestrator_bind_host: str = Field(default="127.0.0.1", alias="INVENTIV_ORCHESTRATOR_BIND")
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     data_dir_override: Path | None = Field(default=None, alias="INVENTIV_DATA_DIR")
     worker_control_plane_url: str | None = Field(default=None, alias="WORKER_CONTROL_PLANE_URL")
