@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## Create .venv and install Inventiv with its development tools
 
-up: $(STAMP)  ## Start the control plane (API + orchestrator) on SQLite, in the background
+up: $(STAMP)  ## Start the control plane (API + orchestrator) on SQLite and one local echo worker
 	$(BIN)/inventiv up --local-worker
 
 down: $(STAMP)  ## Stop this PORT_OFFSET's stack
@@ -30,8 +30,8 @@ status: $(STAMP)
 api-expose: $(STAMP)  ## Make sure the API answers on 127.0.0.1:(8003+PORT_OFFSET); print the tunnel command
 	$(BIN)/inventiv expose
 
-tunnel: $(STAMP)  ## Run cloudflared for the API port and publish its URL to workers
-	$(BIN)/inventiv tunnel
+tunnel: $(STAMP)  ## Run cloudflared for the API port and publish its URL to workers (ARGS="--named ...")
+	$(BIN)/inventiv tunnel $(ARGS)
 
 doctor: $(STAMP)  ## Check every link from a worker to the orchestrator
 	$(BIN)/inventiv doctor

@@ -82,7 +82,7 @@ def client_address(scope: Scope) -> str | None:
     return client[0] if client else None
 
 
-def build_fastapi(settings: Settings) -> FastAPI:
+def build_fastapi(settings: Settings, started: Callable[[WorkerProtocol], None]) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings.effective_database_url)
@@ -107,7 +107,7 @@ def build_fastapi(settings: Settings) -> FastAPI:
             wake,
         )
         app.state.admin_token = settings.resolve_admin_token()[0]
-        app.state.workers = workers
+        started(workers)
         app.state.instances = instances
         app.state.control_url = control_url
         background = [
@@ -150,7 +150,8 @@ class OrchestratorApp:
     """Serves the worker protocol without FastAPI's per-request cost; all else goes to FastAPI."""
 
     def __init__(self, settings: Settings) -> None:
-        self.fastapi = build_fastapi(settings)
+        self._workers: WorkerProtocol | None = None
+        self.fastapi = build_fastapi(settings, self._started)
         self._routes: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
             ("POST", HEARTBEAT_PATH): self._heartbeat,
             ("POST", REGISTER_PATH): self._register,
@@ -168,21 +169,27 @@ class OrchestratorApp:
                 return
         await self.fastapi(scope, receive, send)
 
+
+    def _started(self, workers: WorkerProtocol) -> None:
+        self._workers = workers
+
     @property
-    def _workers(self) -> WorkerProtocol:
-        return self.fastapi.state.workers
+    def workers(self) -> WorkerProtocol:
+        if self._workers is None:
+            raise HTTPError(503, "starting", "The orchestrator is starting; retry in a moment.")
+        return self._workers
 
     async def _heartbeat(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = require_bearer(scope)
         body = await read_body(scope, receive)
         message = parse_message(HeartbeatRequest, body)
-        await send_response(send, 200, await self._workers.heartbeat(token, message))
+        await send_response(send, 200, await self.workers.heartbeat(token, message))
 
     async def _register(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = require_bearer(scope)
         body = await read_body(scope, receive)
         message = parse_message(RegisterRequest, body)
-        payload = await self._workers.register(token, message, client_address(scope))
+        payload = await self.workers.register(token, message, client_address(scope))
         await send_response(send, 200, payload)
 
     async def _ping(self, scope: Scope, receive: Receive, send: Send) -> None:
