@@ -169,7 +169,6 @@ class OrchestratorApp:
                 return
         await self.fastapi(scope, receive, send)
 
-
     def _started(self, workers: WorkerProtocol) -> None:
         self._workers = workers
 
