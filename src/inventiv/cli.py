@@ -201,6 +201,8 @@ def serve(
         log_level=settings.log_level,
         timeout_keep_alive=75,
         proxy_headers=False,  # the API sets X-Forwarded-For itself; never trust a client's
+        server_header=False,
+        date_header=service == "api",  # the orchestrator's answers are re-sent by the API
         lifespan="on",
     )
     sockets = [listen_tcp(bind, listen)]
