@@ -258,3 +258,16 @@ def test_heartbeats_of_many_workers_are_all_persisted(db_stack: Stack) -> None:
                 pending.discard(instance_id)
         time.sleep(0.1)
     assert not pending, f"heartbeats not persisted for {pending}"
+
+
+def test_a_register_loop_gets_429_with_retry_after(stack: Stack) -> None:
+    instance_id, token = registered(stack)  # 1 register
+    answers = [call(stack, REGISTER, token, register_body(instance_id)) for _ in range(20)]
+    assert [a.status_code for a in answers[:19]] == [200] * 19
+    body = assert_error(answers[19], 429, "too_many_registrations")
+    assert "Retry-After" in body["message"]
+    assert 0 < int(answers[19].headers["retry-after"]) <= 61
+    # Heartbeats are not limited by it, and another instance is unaffected.
+    assert call(stack, HEARTBEAT, token, heartbeat_body(instance_id)).status_code == 200
+    other_id, other_token = registered(stack)
+    assert call(stack, REGISTER, other_token, register_body(other_id)).status_code == 200

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import secrets
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -42,6 +43,8 @@ from inventiv.protocol import (
 
 log = logging.getLogger("inventiv.orchestrator.workers")
 
+REGISTER_LIMIT = 20
+REGISTER_WINDOW_S = 60.0
 BOOTSTRAP = "bootstrap"
 WORKER = "worker"
 
@@ -157,6 +160,7 @@ class WorkerProtocol:
         self._control_plane_url = control_plane_url
         self.cache = WorkerCache(sessions)
         self._answers: dict[tuple[str, str | None], bytes] = {}
+        self._registers: dict[str, list[float]] = {}
         self.batcher = HeartbeatBatcher(sessions, settings.heartbeat_flush_s)
 
     # -- cache ----------------------------------------------------------------------------
@@ -169,6 +173,24 @@ class WorkerProtocol:
 
     # -- register ---------------------------------------------------------------------------
 
+    def _limit_registers(self, instance_id: str) -> None:
+        """A worker re-registering in a loop (crashing agent, bad state) gets 429 rather than
+        an event row per attempt."""
+        now = time.monotonic()
+        recent = [t for t in self._registers.get(instance_id, []) if now - t < REGISTER_WINDOW_S]
+        if len(recent) >= REGISTER_LIMIT:
+            retry = int(REGISTER_WINDOW_S - (now - recent[0])) + 1
+            raise HTTPError(
+                429,
+                "too_many_registrations",
+                f"Instance {instance_id} registered {len(recent)} times in the last "
+                f"{REGISTER_WINDOW_S:g} s; wait {retry} s (Retry-After) and check why the agent "
+                "keeps restarting.",
+                [(b"retry-after", str(retry).encode())],
+            )
+        recent.append(now)
+        self._registers[instance_id] = recent
+
     async def register(self, token: str, req: RegisterRequest, client: str | None) -> bytes:
         instance_id = str(req.instance_id)
         token_hash = hash_token(token)
@@ -180,6 +202,7 @@ class WorkerProtocol:
             record = await session.get(WorkerToken, token_hash)
             self._check_token(record, token_hash, instance_id)
             assert record is not None
+            self._limit_registers(instance_id)  # after auth: nobody else can use up the budget
             if instance.status in (S.TERMINATING, *FAILED_STATES):
                 raise HTTPError(
                     409,
