@@ -16,14 +16,12 @@ from inventiv.config import Settings
 from inventiv.tunnel.doctor import Doctor
 from inventiv.tunnel.probe import Probe
 from inventiv.tunnel.stacksettings import ConfiguredURL
-from tests.conftest import Stack
+from tests.conftest import Stack, free_port, free_port_offset
 from tests.fake_cloudflared.helpers import (
     CLI,
     FakeAPI,
     FakeEnv,
     Running,
-    free_port,
-    free_port_offset,
     make_env,
     start_fake_cloudflared,
     stop_process,

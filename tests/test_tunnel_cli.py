@@ -15,12 +15,12 @@ import httpx
 import psutil
 import pytest
 
+from tests.conftest import free_port
 from tests.fake_cloudflared.helpers import (
     CLI,
     FakeAPI,
     FakeEnv,
     Running,
-    free_port,
     make_env,
     read_env_file,
     wait_for,

@@ -12,14 +12,11 @@ import pytest
 
 from inventiv.config import Settings
 from inventiv.tunnel.cloudflared import quick_tunnel_command_text
-from tests.conftest import Stack
+from tests.conftest import Stack, free_port, free_port_offset, port_free
 from tests.fake_cloudflared.helpers import (
     CLI,
     FakeAPI,
-    free_port,
-    free_port_offset,
     make_env,
-    port_free,
 )
 
 

@@ -21,11 +21,11 @@ from inventiv.tunnel.named import (
     render_config,
     resolve_credentials_file,
 )
+from tests.conftest import free_port
 from tests.fake_cloudflared.helpers import (
     CLI,
     FakeAPI,
     Running,
-    free_port,
     make_env,
     read_env_file,
     wait_for,

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -179,30 +177,6 @@ def stop_process(proc: subprocess.Popen[Any]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_offset() -> int:
-    """A PORT_OFFSET whose API (8003+o) and orchestrator (8001+o) ports are free."""
-    for _ in range(200):
-        offset = random.randrange(12001, 50000, 10)
-        if port_free(8003 + offset) and port_free(8001 + offset):
-            return offset
-    raise RuntimeError("no free PORT_OFFSET")
 
 
 # -- a minimal control plane, for tests that only need its HTTP contract --------------------
