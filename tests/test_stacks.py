@@ -84,3 +84,37 @@ def test_up_refuses_a_port_taken_by_another_program(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert f"Port {8003 + offset}" in result.stderr and "PORT_OFFSET" in result.stderr
+
+
+def test_supervisor_restarts_a_crashed_service(tmp_path: Path) -> None:
+    import time
+
+    import psutil
+
+    offset = free_port_offset()
+    env = {"PORT_OFFSET": str(offset), "INVENTIV_ENV_FILE": str(tmp_path / "none.env")}
+    try:
+        assert cli(["up"], env, tmp_path).returncode == 0
+        victims = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"]
+            and p.info["cmdline"][-2:] == ["serve", "orchestrator"]
+            and p.environ().get("PORT_OFFSET") == str(offset)
+        ]
+        assert len(victims) == 1
+        victims[0].kill()
+        api = f"http://127.0.0.1:{8003 + offset}/"
+        deadline = time.monotonic() + 30
+        seen_down = False
+        while time.monotonic() < deadline:
+            state = httpx.get(api, trust_env=False).json()["orchestrator"]
+            seen_down = seen_down or state == "unreachable"
+            if seen_down and state == "ok":
+                break
+            time.sleep(0.1)
+        assert seen_down and state == "ok"
+        log = (tmp_path / ".inventiv" / f"stack-{offset}" / "logs" / "supervisor.log").read_text()
+        assert "orchestrator exited with -9; restarting" in log
+    finally:
+        cli(["down"], env, tmp_path)

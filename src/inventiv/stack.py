@@ -23,6 +23,7 @@ from inventiv.config import Settings
 
 SERVICES = ("orchestrator", "api")
 START_TIMEOUT_S = 60.0
+STABLE_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -110,15 +111,15 @@ def start_stack(
                     f"Port {port} (the {what} port for PORT_OFFSET={settings.port_offset}) is "
                     "already used by another program; stop it or choose another PORT_OFFSET."
                 )
-        log = paths.log("supervisor").open("ab")
-        subprocess.Popen(
-            [sys.executable, "-m", "inventiv.cli", "supervise"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=os.environ.copy(),
-        )
+        with paths.log("supervisor").open("ab") as log:
+            subprocess.Popen(
+                [sys.executable, "-m", "inventiv.cli", "supervise"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=os.environ.copy(),
+            )
         started = True
     wait_until_healthy(settings, paths, progress, timeout_s)
     return started
@@ -180,6 +181,7 @@ def supervise(settings: Settings) -> int:
     children: dict[str, subprocess.Popen[bytes]] = {}
     backoff = dict.fromkeys(SERVICES, 0.5)
     next_start = dict.fromkeys(SERVICES, 0.0)
+    started_at = dict.fromkeys(SERVICES, 0.0)
     try:
         while not stopping:
             now = time.monotonic()
@@ -189,14 +191,17 @@ def supervise(settings: Settings) -> int:
                     continue
                 if child is not None:
                     print(f"{name} exited with {child.returncode}; restarting", flush=True)
-                    backoff[name] = min(backoff[name] * 2, 30.0)
+                    # A service that ran for a while before crashing starts the backoff over.
+                    ran = now - started_at[name]
+                    backoff[name] = 0.5 if ran > STABLE_AFTER_S else min(backoff[name] * 2, 30.0)
                     next_start[name] = now + backoff[name]
                     children.pop(name)
                 if now >= next_start[name]:
-                    log = paths.log(name).open("ab")
-                    children[name] = subprocess.Popen(
-                        service_command(name), stdout=log, stderr=subprocess.STDOUT
-                    )
+                    with paths.log(name).open("ab") as log:
+                        children[name] = subprocess.Popen(
+                            service_command(name), stdout=log, stderr=subprocess.STDOUT
+                        )
+                    started_at[name] = now
             time.sleep(0.2)
     finally:
         for child in children.values():
