@@ -4,8 +4,7 @@ Heartbeats are the hot path. A heartbeat that changes nothing about the lifecycl
 soft state (last seen, metrics), so it goes into an in-memory batch flushed every
 INVENTIV_HEARTBEAT_FLUSH_S in one executemany; only lifecycle changes (starting -> ready,
 unreachable -> ready, ...) are written synchronously with their event. Token and instance
-lookups are cached for a few seconds; this process drops its entries the moment it revokes a
-token or changes a state, and the TTL bounds staleness across replicas.
+lookups come from WorkerCache, so a steady heartbeat touches no database at all.
 """
 
 from __future__ import annotations
