@@ -158,6 +158,7 @@ class Settings(BaseSettings):
         default=7200.0, alias="INVENTIV_BOOTSTRAP_TOKEN_TTL_S", gt=0
     )
     orphan_grace_s: float = Field(default=300.0, alias="INVENTIV_ORPHAN_GRACE_S", ge=0)
+    reconcile_period_s: float = Field(default=30.0, alias="INVENTIV_RECONCILE_PERIOD_S", gt=0)
     job_period_s: float = Field(default=1.0, alias="INVENTIV_JOB_PERIOD_S", gt=0)
     proxy_timeout_s: float = Field(default=10.0, alias="INVENTIV_PROXY_TIMEOUT_S", gt=0)
     log_level: str = Field(default="info", alias="INVENTIV_LOG_LEVEL")

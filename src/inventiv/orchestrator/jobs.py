@@ -60,6 +60,7 @@ class Jobs:
         self.holder = f"orch-{secrets.token_hex(6)}"
         self._orphans_seen: dict[str, datetime] = {}
         self._stopped_reported: set[str] = set()
+        self._missing: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -69,7 +70,7 @@ class Jobs:
             ("terminator", self.terminate, period, True),
             ("watchdog", self.watchdog, self.settings.watchdog_period_s, False),
             ("startup_timeout", self.startup_timeout, 5.0, False),
-            ("reconciliation", self.reconcile, 30.0, False),
+            ("reconciliation", self.reconcile, self.settings.reconcile_period_s, False),
         ]
         for name, tick, every, wakeable in specs:
             self._tasks.append(
@@ -415,6 +416,8 @@ class Jobs:
     async def reconcile(self) -> None:
         tag = f"inventiv-stack={self.stack_id}"
         for name, provider in self.providers.items():
+            if not provider.can_list:
+                continue
             try:
                 machines = await provider.list_tagged(tag)
             except ProviderError as exc:
@@ -454,12 +457,20 @@ class Jobs:
                             "worker cannot heartbeat until it runs again.",
                         )
                     continue
-                if machine is not None:
+                if machine is not None and machine.state != MachineState.GONE:
                     self._stopped_reported.discard(row.provider_id)
-                if machine is None or machine.state == MachineState.GONE:
-                    # A just-created machine may not be listed yet: give it the orphan grace.
-                    if now - row.status_changed_at < timedelta(seconds=30):
-                        continue
+                    self._missing.pop(row.provider_id, None)
+                    continue
+                # Two signals before dropping anything: missing from two listings in a row, the
+                # first of them after the record was last changed (a just-created machine may
+                # not be listed yet).
+                if now - row.status_changed_at < timedelta(
+                    seconds=self.settings.reconcile_period_s
+                ):
+                    continue
+                misses = self._missing[row.provider_id] = self._missing.get(row.provider_id, 0) + 1
+                if misses >= 2:
+                    self._missing.pop(row.provider_id, None)
                     for target in (S.TERMINATING, S.TERMINATED):
                         await transition(
                             session,

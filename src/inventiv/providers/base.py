@@ -91,6 +91,9 @@ class ProviderError(Exception):
 
 class Provider(Protocol):
     name: str
+    # Whether list_tagged sees every machine the provider made. Reconciliation trusts an absent
+    # machine to be gone only then: a manual worker's machine is invisible, not deleted.
+    can_list: bool
 
     async def create(self, spec: MachineSpec, boot: WorkerBoot) -> Machine: ...
 

@@ -64,6 +64,7 @@ def spawn_agent(env: dict[str, str], state_dir: Path) -> subprocess.Popen[bytes]
 
 class LocalProvider:
     name = "local"
+    can_list = True
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

@@ -8,6 +8,7 @@ from inventiv.providers.base import Machine, MachineSpec, MachineState, Offer, W
 
 class ManualProvider:
     name = "manual"
+    can_list = False
 
     async def create(self, spec: MachineSpec, boot: WorkerBoot) -> Machine:
         return Machine(provider_id=f"manual-{spec.instance_id}", state=MachineState.RUNNING)
