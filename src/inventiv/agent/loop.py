@@ -477,7 +477,9 @@ class Agent:
             return
         waiters = [asyncio.create_task(e.wait()) for e in events]
         try:
-            await asyncio.wait(waiters, timeout=seconds)
+            # FIRST_COMPLETED: the default (ALL_COMPLETED) would sleep the whole interval unless
+            # the URL and the status both changed.
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waiters:
                 w.cancel()
