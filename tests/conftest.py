@@ -181,6 +181,22 @@ class Stack:
     def close(self) -> None:
         self.stop()
         self.client.close()
+        self.kill_local_workers()
+
+    def kill_local_workers(self) -> None:
+        """Local workers outlive their control plane by design; a test's must not outlive it."""
+        import psutil
+
+        try:
+            tag = "inventiv-stack=" + (self.data_dir / "stack-id").read_text().strip()
+        except FileNotFoundError:
+            return
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if tag in proc.environ().get("INVENTIV_MACHINE_TAGS", "").split(","):
+                    proc.kill()
+            except (psutil.Error, OSError):
+                continue
 
     def log(self, service: str) -> str:
         path = self.data_dir / f"{service}.log"

@@ -480,12 +480,15 @@ def test_reconciliation_orphan_and_vanished_machine(fleet: Fleet, tmp_path: Path
 
     # The vanished machine: terminated with reason deleted_by_provider, tokens revoked.
     # Reconciliation believes a machine is gone only once it is missing from two listings in a
-    # row, the first one a period after the instance's last state change (here: unreachable).
+    # row, the first one a period after the instance's last state change; depending on timing
+    # the watchdog may have marked it unreachable first.
     done = wait_status(stack, doomed["id"], "terminated", timeout=30)
     print(f"vanished machine's instance terminated {time.monotonic() - vanished_at:.1f} s later")
-    assert state_changes(stack, doomed["id"])[-2:] == [
-        ("unreachable", "terminating", "deleted_by_provider"),
-        ("terminating", "terminated", "deleted_by_provider"),
+    last_two = state_changes(stack, doomed["id"])[-2:]
+    assert last_two[0][0] in ("ready", "unreachable")
+    assert [change[1:] for change in last_two] == [
+        ("terminating", "deleted_by_provider"),
+        ("terminated", "deleted_by_provider"),
     ]
     assert done["terminated_at"] is not None
     refused = heartbeat(stack, done, doomed_token)

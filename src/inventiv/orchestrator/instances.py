@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -61,6 +62,40 @@ def instance_view(row: Instance) -> InstanceView:
     )
 
 
+def new_instance(
+    stack_id: str,
+    *,
+    provider: str,
+    model: str,
+    zone: str | None,
+    instance_type: str | None,
+    spec: dict[str, Any],
+    replace_on_failure: bool,
+    replaces_id: str | None = None,
+) -> Instance:
+    """A fresh record in `provisioning`; the provisioning job takes it from there."""
+    now = utcnow()
+    return Instance(
+        id=str(uuid.uuid4()),
+        stack_id=stack_id,
+        provider=provider,
+        zone=zone,
+        instance_type=instance_type,
+        model=model,
+        spec=spec,
+        replace_on_failure=replace_on_failure,
+        replaces_id=replaces_id,
+        status=S.PROVISIONING.value,
+        status_changed_at=now,
+        desired_state="run",
+        gpus=[],
+        host={},
+        metrics={},
+        created_at=now,
+        updated_at=now,
+    )
+
+
 def not_found(instance_id: str) -> HTTPError:
     return HTTPError(
         404,
@@ -108,31 +143,17 @@ class InstanceService:
                 f"(available: {', '.join(sorted(self._providers))}). For scaleway, set "
                 "SCW_ACCESS_KEY, SCW_SECRET_KEY and SCW_DEFAULT_PROJECT_ID.",
             )
-        now = utcnow()
-        instance_id = str(uuid.uuid4())
         engine = req.engine or ("echo" if req.model == "echo" else "vllm")
-        row = Instance(
-            id=instance_id,
-            stack_id=self._stack_id,
+        row = new_instance(
+            self._stack_id,
             provider=req.provider,
+            model=req.model,
             zone=req.zone,
             instance_type=req.instance_type,
-            model=req.model,
-            spec={
-                "engine": engine,
-                "image": req.image,
-                "engine_args": req.engine_args,
-            },
+            spec={"engine": engine, "image": req.image, "engine_args": req.engine_args},
             replace_on_failure=req.replace_on_failure,
-            status=S.PROVISIONING.value,
-            status_changed_at=now,
-            desired_state="run",
-            gpus=[],
-            host={},
-            metrics={},
-            created_at=now,
-            updated_at=now,
         )
+        instance_id = row.id
         async with self._sessions() as session:
             session.add(row)
             await session.flush()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -22,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from inventiv.config import Settings
 from inventiv.db.models import Instance, utcnow
 from inventiv.orchestrator import leases
-from inventiv.orchestrator.instances import revoke_tokens
+from inventiv.orchestrator.instances import new_instance, revoke_tokens
 from inventiv.orchestrator.lifecycle import FAILED, S, record_event, transition
 from inventiv.orchestrator.workers import WorkerProtocol, issue_bootstrap_token
 from inventiv.providers.base import (
@@ -61,6 +60,7 @@ class Jobs:
         self._orphans_seen: dict[str, datetime] = {}
         self._stopped_reported: set[str] = set()
         self._missing: dict[str, int] = {}
+        self._watching_since: datetime | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -81,6 +81,12 @@ class Jobs:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Hand the jobs over at once: a replica (or this one restarted) need not wait for the
+        # leases to expire.
+        try:
+            await leases.release_all(self.sessions, self.holder)
+        except Exception:
+            log.exception("could not release job leases; they expire on their own")
 
     async def _loop(self, name: str, tick: Tick, every: float, wakeable: bool) -> None:
         ttl = max(every * 3, 10.0)
@@ -214,7 +220,14 @@ class Jobs:
         for longer than INVENTIV_UNREACHABLE_TERMINATE_S -> terminating."""
         await self.workers.batcher.flush()
         now = utcnow()
-        stale_before = now - timedelta(seconds=self.settings.heartbeat_grace_s)
+        grace = timedelta(seconds=self.settings.heartbeat_grace_s)
+        # Heartbeats sent while nobody was watching (control plane down or restarting) were
+        # lost, not missed: judge only after watching for a whole grace.
+        if self._watching_since is None:
+            self._watching_since = now
+        if now - self._watching_since < grace:
+            return
+        stale_before = now - grace
         last_seen = func.coalesce(Instance.last_heartbeat_at, Instance.registered_at)
         async with self.sessions() as session:
             stale = (
@@ -267,41 +280,33 @@ class Jobs:
             self.wake.set()
 
     async def _replace(self, row: Instance) -> None:
-        now = utcnow()
-        new_id = str(uuid.uuid4())
+        replacement = new_instance(
+            row.stack_id,
+            provider=row.provider,
+            model=row.model,
+            zone=row.zone,
+            instance_type=row.instance_type,
+            spec=row.spec,
+            replace_on_failure=True,
+            replaces_id=row.id,
+        )
         async with self.sessions() as session:
-            session.add(
-                Instance(
-                    id=new_id,
-                    stack_id=row.stack_id,
-                    provider=row.provider,
-                    zone=row.zone,
-                    instance_type=row.instance_type,
-                    model=row.model,
-                    spec=row.spec,
-                    replace_on_failure=True,
-                    replaces_id=row.id,
-                    status=S.PROVISIONING.value,
-                    status_changed_at=now,
-                    desired_state="run",
-                    gpus=[],
-                    host={},
-                    metrics={},
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+            session.add(replacement)
             await session.flush()
             await record_event(
                 session,
-                new_id,
+                replacement.id,
                 "created",
                 reason="replacement",
                 to_status=S.PROVISIONING.value,
                 message=f"Replaces lost instance {row.id}.",
             )
             await record_event(
-                session, row.id, "replaced", reason="replacement", data={"replacement": new_id}
+                session,
+                row.id,
+                "replaced",
+                reason="replacement",
+                data={"replacement": replacement.id},
             )
             await session.commit()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import delete, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -42,3 +42,9 @@ async def acquire(
             return True
     except IntegrityError:
         return False  # another replica holds it
+
+
+async def release_all(sessions: async_sessionmaker[AsyncSession], holder: str) -> None:
+    async with sessions() as session:
+        await session.execute(delete(JobLease).where(JobLease.holder == holder))
+        await session.commit()

@@ -37,9 +37,15 @@ KILL_AFTER_S = 10.0
 
 
 def agent_processes() -> list[tuple[psutil.Process, dict[str, str]]]:
-    """Processes started by a local provider (any stack), with their environments."""
+    """Agent processes started by a local provider (any stack), with their environments.
+
+    The engine and the agent's guard inherit the agent's environment, so the command line tells
+    the agent itself apart (`... -m inventiv.cli worker`)."""
     found = []
-    for proc in psutil.process_iter(["pid"]):
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline[-1:] != ["worker"]:
+            continue
         try:
             env = proc.environ()
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
