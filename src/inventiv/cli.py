@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 from pathlib import Path
@@ -209,6 +210,10 @@ def serve(
     unix_path = settings.orchestrator_socket if service == "orchestrator" else None
     if unix_path is not None:
         sockets.append(listen_unix(unix_path))
+    # Everything imported so far lives as long as the process: keep it out of the collector's
+    # way, so full collections on the request path stay short.
+    gc.collect()
+    gc.freeze()
     try:
         uvicorn.Server(config).run(sockets=sockets)
     finally:
