@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import httpx
@@ -16,8 +17,8 @@ from inventiv.config import Settings, load_settings
 instances_app = typer.Typer(
     help="Create, list, watch and terminate instances.", no_args_is_help=True
 )
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def client(settings: Settings | None = None) -> httpx.Client:
@@ -96,18 +97,27 @@ def list_instances(
 ) -> None:
     """List instances with their state, last heartbeat and load."""
     items = call("GET", "/api/instances", params={"include_terminated": all_})["items"]
-    table = Table("id", "provider", "model", "status", "progress", "last heartbeat", "queue")
+    table = Table(box=None)
+    for name in ("status", "progress", "heartbeat", "queue", "provider", "model", "id"):
+        table.add_column(name, no_wrap=True)
     for item in items:
         table.add_row(
-            item["id"],
-            item["provider"],
-            item["model"],
             item["status"] + (f" ({item['error_code']})" if item["error_code"] else ""),
             f"{item['progress']}%",
-            item["last_heartbeat_at"] or "-",
+            age(item["last_heartbeat_at"]),
             str(item["queue_depth"] if item["queue_depth"] is not None else "-"),
+            item["provider"],
+            item["model"],
+            item["id"],
         )
-    console.print(table)
+    Console(width=max(console.width, 120)).print(table)
+
+
+def age(timestamp: str | None) -> str:
+    if not timestamp:
+        return "-"
+    seconds = (datetime.now(UTC) - datetime.fromisoformat(timestamp)).total_seconds()
+    return f"{seconds:.1f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
 @instances_app.command("show")

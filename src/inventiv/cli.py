@@ -35,8 +35,8 @@ app.command("expose")(expose)
 app.command("tunnel")(tunnel)
 app.command("doctor")(doctor)
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)  # never break a URL, token or command to copy
+err = Console(stderr=True, soft_wrap=True)
 
 
 def settings_or_exit() -> Settings:
@@ -145,6 +145,23 @@ def down() -> None:
         console.print(f"Stopped the stack on PORT_OFFSET={settings.port_offset}.")
     else:
         console.print(f"No stack running on PORT_OFFSET={settings.port_offset}.")
+    workers = local_workers(settings)
+    if workers:
+        console.print(
+            f"{len(workers)} local worker(s) keep running, like remote ones, and reconnect when "
+            "the stack is back; `inventiv instances terminate <id>` stops one."
+        )
+
+
+def local_workers(settings: Settings) -> list[str]:
+    from inventiv.providers.local import MACHINE_TAGS_ENV, agent_processes
+
+    tag = f"inventiv-stack={settings.effective_stack_id}"
+    return [
+        env["INSTANCE_ID"]
+        for _, env in agent_processes()
+        if tag in env.get(MACHINE_TAGS_ENV, "").split(",") and "INSTANCE_ID" in env
+    ]
 
 
 @app.command()
