@@ -20,37 +20,27 @@ stopped at the end. Writes its figures into docs/benchmarks.md between the
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import random
 import re
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import TypeVar
 
 import httpx
 import psutil
 
+from common import Stack, add_database_options, replace_section
+
 T = TypeVar("T")
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "failure-detection"
-DOCS_HEADER = (
-    "# Benchmarks\n\nFigures measured on this project's machines, with the command that "
-    "produced them.\n"
-)
 
 # The defaults this benchmark is about (docs/configuration.md).
 INTERVAL_S = 3.0
@@ -80,78 +70,12 @@ class Run:
 # --------------------------------------------------------------------------- stack
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_offset() -> int:
-    for _ in range(500):
-        offset = random.randrange(40000, 50000, 10)
-        if _port_free(8001 + offset) and _port_free(8003 + offset):
-            return offset
-    raise RuntimeError("no free PORT_OFFSET")
-
-
-def wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1, trust_env=False)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout:g} s")
-
-
-def create_pg_database(pg_url: str) -> str:
-    import asyncpg
-
-    name = f"inventiv_fd_{uuid.uuid4().hex[:8]}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(pg_url.replace("postgresql+asyncpg://", "postgresql://"))
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    return pg_url.rpartition("/")[0] + "/" + name
-
-
-class Stack:
-    """Orchestrator + API with default timings, in a throw-away data directory."""
+class DetectionStack(Stack):
+    """The shared stack with default timings, an admin client, and a stop that also kills the
+    local workers it started (a SIGKILLed agent leaves its engine behind)."""
 
     def __init__(self, db: str, pg_url: str) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="inventiv-fd-"))
-        offset = free_offset()
-        self.admin = "fd-" + uuid.uuid4().hex
-        self.api_url = f"http://127.0.0.1:{8003 + offset}"
-        self.orchestrator_url = f"http://127.0.0.1:{8001 + offset}"
-        self.env = {
-            k: v
-            for k, v in os.environ.items()
-            # Default timings are the point: drop any override from the caller's shell.
-            if not k.startswith(("INVENTIV_", "WORKER_")) and k != "DATABASE_URL"
-        }
-        self.env.update(
-            {
-                "PORT_OFFSET": str(offset),
-                "INVENTIV_DATA_DIR": str(self.tmp),
-                "INVENTIV_ADMIN_TOKEN": self.admin,
-                "INVENTIV_ENV_FILE": str(self.tmp / "none.env"),
-                "INVENTIV_LOG_LEVEL": "warning",
-            }
-        )
-        if db == "postgres":
-            self.env["DATABASE_URL"] = create_pg_database(pg_url)
-        self.procs: list[subprocess.Popen[bytes]] = []
+        super().__init__("fd", db, pg_url)
         self.client = httpx.Client(
             base_url=self.api_url,
             headers={"authorization": f"Bearer {self.admin}"},
@@ -159,28 +83,9 @@ class Stack:
             trust_env=False,
         )
 
-    def start(self) -> None:
-        for service, url in (("orchestrator", self.orchestrator_url + "/healthz"), ("api", "")):
-            log = (self.tmp / f"{service}.log").open("ab")
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "inventiv.cli", "serve", service],
-                    env=self.env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-            wait_http(url or self.api_url + "/")
-
-    def stop(self) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         self.client.close()
-        for proc in reversed(self.procs):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        super().stop(sig)
         self.kill_machines()
 
     def stack_id(self) -> str:
@@ -251,7 +156,7 @@ def until(predicate: Callable[[], T], timeout: float, what: str, every: float = 
 # --------------------------------------------------------------------------- one run
 
 
-def measure(stack: Stack, rng: random.Random) -> Run:
+def measure(stack: DetectionStack, rng: random.Random) -> Run:
     created_at = time.monotonic()
     response = stack.client.post("/api/instances", json={"provider": "local", "model": "echo"})
     response.raise_for_status()
@@ -299,8 +204,7 @@ def write_docs(args: argparse.Namespace, runs: list[Run]) -> None:
     verdict = "inside" if max(detected) <= TARGET_S else "OUTSIDE"
     since = [r.phase_s + r.detected_s for r in runs]
     within = "all within it" if max(since) <= BOUND_S else "some runs OVER it"
-    section = f"""<!-- {SECTION}:start -->
-### Failure detection, default settings ({time.strftime("%Y-%m-%d")}, {machine})
+    body = f"""### Failure detection, default settings ({time.strftime("%Y-%m-%d")}, {machine})
 
 `{command}`
 
@@ -329,28 +233,14 @@ reference list):
 
 | system | time to notice a dead node/worker |
 |---|---|
-{anchors}
-<!-- {SECTION}:end -->"""
-    text = DOCS.read_text() if DOCS.exists() else DOCS_HEADER
-    pattern = re.compile(rf"<!-- {SECTION}:start -->.*?<!-- {SECTION}:end -->", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOCS.write_text(text)
-    print(f"wrote {DOCS.relative_to(ROOT)}")
+{anchors}"""
+    replace_section(SECTION, body)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
-    parser.add_argument(
-        "--pg-url",
-        default=os.environ.get(
-            "INVENTIV_TEST_PG_URL", "postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/postgres"
-        ),
-    )
+    add_database_options(parser)
     parser.add_argument("--seed", type=int, default=None, help="for a repeatable kill schedule")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
@@ -358,7 +248,7 @@ def main() -> int:
         parser.error("--runs must be between 1 and 100")
 
     rng = random.Random(args.seed)
-    stack = Stack(args.db, args.pg_url)
+    stack = DetectionStack(args.db, args.pg_url)
     runs: list[Run] = []
     try:
         stack.start()

@@ -24,10 +24,8 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,9 +33,20 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
+from common import (
+    API_PORT,
+    ORCHESTRATOR_PORT,
+    ROOT,
+    Stack,
+    add_database_options,
+    replace_section,
+    spawn,
+    stop,
+    wait_http,
+)
+
 SECTION = "heartbeats"
+BASELINE_PORT = 8005  # + PORT_OFFSET: the plain FastAPI process, after the stack has stopped
 
 
 @dataclass
@@ -64,29 +73,6 @@ def median_run(runs: list[Result]) -> Result:
     chosen.all_rps = [r.rps for r in runs]
     chosen.all_p99 = [r.p99_ms for r in runs]
     return chosen
-
-
-def free_offset() -> int:
-    for offset in range(31000, 40000, 10):
-        ok = True
-        for port in (8001 + offset, 8003 + offset, 8005 + offset):
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    ok = False
-        if ok:
-            return offset
-    raise RuntimeError("no free ports")
-
-
-def wait(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1, trust_env=False)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 def lua_script(path: Path, target: str, workers: list[tuple[str, str]]) -> None:
@@ -175,78 +161,41 @@ def run_wrk(name: str, url: str, script: Path, seconds: int, connections: int) -
     return result
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)  # lets a profiler wrapping the process write its output
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--workers", type=int, default=200)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="runs per target; the median counts")
-    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
-    parser.add_argument("--pg-url", default=os.environ.get("INVENTIV_TEST_PG_URL", ""))
+    add_database_options(parser, fallback_pg_url="")  # no PostgreSQL unless one is named
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk", file=sys.stderr)
         return 2
 
-    tmp = Path(tempfile.mkdtemp(prefix="inventiv-bench-"))
-    offset = free_offset()
-    if args.db == "postgres":
-        import asyncio
-
-        import asyncpg
-
-        name = f"inventiv_bench_{uuid.uuid4().hex[:8]}"
-        dsn = args.pg_url.replace("postgresql+asyncpg://", "postgresql://")
-
-        async def create() -> None:
-            conn = await asyncpg.connect(dsn)
-            await conn.execute(f'CREATE DATABASE "{name}"')
-            await conn.close()
-
-        asyncio.run(create())
-        database_url = args.pg_url.rpartition("/")[0] + "/" + name
-    else:
-        database_url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
-    admin = "bench-" + uuid.uuid4().hex
-    env = {
-        **os.environ,
-        "PORT_OFFSET": str(offset),
-        "INVENTIV_DATA_DIR": str(tmp),
-        "INVENTIV_ADMIN_TOKEN": admin,
-        "DATABASE_URL": database_url,
-        "INVENTIV_ENV_FILE": str(tmp / "none.env"),
-        "INVENTIV_LOG_LEVEL": "warning",
-    }
-    cli = [sys.executable, "-m", "inventiv.cli", "serve"]
+    stack = Stack(
+        "bench",
+        args.db,
+        args.pg_url,
+        keep_settings=True,  # the caller's INVENTIV_* settings apply: runs compare tuned ones
+        ports=(ORCHESTRATOR_PORT, API_PORT, BASELINE_PORT),
+    )
     profile = os.environ.get("BENCH_PROFILE")  # e.g. py-spy record -o prof.svg --
-    prefix = profile.split() if profile else []
-    orchestrator = spawn([*prefix, *cli, "orchestrator"], env, tmp / "orchestrator.log")
     api_profile = os.environ.get("BENCH_PROFILE_API")
-    api = spawn([*(api_profile.split() if api_profile else []), *cli, "api"], env, tmp / "api.log")
-    api_url = f"http://127.0.0.1:{8003 + offset}"
-    orch_url = f"http://127.0.0.1:{8001 + offset}"
+    wrap = {
+        "orchestrator": profile.split() if profile else [],
+        "api": api_profile.split() if api_profile else [],
+    }
+    api_url, orch_url = stack.api_url, stack.orchestrator_url
     e2e_runs: list[Result] = []
     orch_runs: list[Result] = []
     base_runs: list[Result] = []
     try:
-        wait(orch_url + "/healthz")
-        wait(api_url + "/")
+        stack.start(wrap)
         workers = []
         with httpx.Client(
-            base_url=api_url, headers={"authorization": f"Bearer {admin}"}, trust_env=False
+            base_url=api_url, headers={"authorization": f"Bearer {stack.admin}"}, trust_env=False
         ) as client:
             for _ in range(args.workers):
                 created = client.post(
@@ -262,35 +211,34 @@ def main() -> int:
                     headers={"authorization": f"Bearer {created['bootstrap_token']}"},
                 ).json()
                 workers.append((created["id"], answer["worker_token"]))
-        script = tmp / "heartbeat.lua"
+        script = stack.tmp / "heartbeat.lua"
         lua_script(script, "/internal/worker/heartbeat", workers)
         print(f"{args.workers} workers; {args.connections} connections, {args.seconds} s each")
         for _ in range(args.rounds):  # alternate, so a noisy moment hits both targets
             e2e_runs.append(run_wrk(E2E, api_url, script, args.seconds, args.connections))
             orch_runs.append(run_wrk(ORCH, orch_url, script, args.seconds, args.connections))
         with httpx.Client(
-            base_url=api_url, headers={"authorization": f"Bearer {admin}"}, trust_env=False
+            base_url=api_url, headers={"authorization": f"Bearer {stack.admin}"}, trust_env=False
         ) as client:
             time.sleep(0.5)
             items = client.get("/api/instances").json()["items"]
         persisted = sum(1 for i in items if (i["heartbeat_seq"] or 0) > 0)
         print(f"persisted: {persisted}/{len(items)} instances carry a benchmark heartbeat")
     finally:
-        stop(api)
-        stop(orchestrator)
-    baseline_port = 8005 + offset
+        stack.stop(signal.SIGINT)  # lets a profiler wrapping a service write its output
+    baseline_port = BASELINE_PORT + stack.offset
     baseline = spawn(
         [
             sys.executable,
             str(ROOT / "bench" / "baseline_fastapi.py"),
             str(baseline_port),
-            database_url,
+            stack.database_url,
         ],
-        env,
-        tmp / "baseline.log",
+        stack.env,
+        stack.tmp / "baseline.log",
     )
     try:
-        wait(f"http://127.0.0.1:{baseline_port}/docs")
+        wait_http(f"http://127.0.0.1:{baseline_port}/docs")
         for _ in range(args.rounds):
             base_runs.append(
                 run_wrk(
@@ -302,7 +250,7 @@ def main() -> int:
                 )
             )
     finally:
-        stop(baseline)
+        stop(baseline, signal.SIGINT)
     results = [median_run(runs) for runs in (e2e_runs, orch_runs, base_runs)]
     end_to_end, _, base = results
     ratio = end_to_end.rps / base.rps
@@ -310,9 +258,9 @@ def main() -> int:
     if not args.no_write:
         write_docs(args, results, ratio, persisted, len(items))
     if os.environ.get("BENCH_KEEP"):
-        print(f"kept {tmp}")
+        print(f"kept {stack.tmp}")
     else:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stack.tmp, ignore_errors=True)
     return 0
 
 
@@ -330,8 +278,7 @@ def write_docs(
         f"{' / '.join(f'{x:.1f}' for x in r.all_p99)} |"
         for r in results
     )
-    section = f"""<!-- {SECTION}:{args.db}:start -->
-### Heartbeats, {args.db} ({time.strftime("%Y-%m-%d")}, {machine})
+    body = f"""### Heartbeats, {args.db} ({time.strftime("%Y-%m-%d")}, {machine})
 
 `{command}`
 
@@ -346,24 +293,8 @@ Every request is an authenticated heartbeat with a rising
 |---|---|---|---|---|---|---|
 {rows}
 
-End to end / plain FastAPI baseline: **{ratio:.2f}x**.
-<!-- {SECTION}:{args.db}:end -->"""
-    text = (
-        DOCS.read_text()
-        if DOCS.exists()
-        else "# Benchmarks\n\nFigures measured on this project's machines, with the command "
-        "that produced them.\n"
-    )
-    pattern = re.compile(
-        rf"<!-- {SECTION}:{args.db}:start -->.*?<!-- {SECTION}:{args.db}:end -->", re.S
-    )
-    text = (
-        pattern.sub(section, text)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + section + "\n"
-    )
-    DOCS.write_text(text)
-    print(f"wrote {DOCS.relative_to(ROOT)}")
+End to end / plain FastAPI baseline: **{ratio:.2f}x**."""
+    replace_section(f"{SECTION}:{args.db}", body)
 
 
 if __name__ == "__main__":

@@ -23,138 +23,24 @@ import itertools
 import os
 import platform
 import random
-import re
 import shutil
-import signal
-import socket
 import ssl
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import Stack, add_database_options, replace_section
+
 # One TLS context for the 200 clients: building one per client blocks the event loop for
 # seconds (each loads the CA bundle), and the stack is plain http on loopback anyway.
 TLS = ssl.create_default_context()
-DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "soak"
-DOCS_HEADER = (
-    "# Benchmarks\n\nFigures measured on this project's machines, with the command that "
-    "produced them.\n"
-)
-
-
-# --------------------------------------------------------------------------- stack
-
-
-def free_offset() -> int:
-    """A PORT_OFFSET whose orchestrator and API ports are free, away from the test range."""
-    for _ in range(500):
-        offset = random.randrange(40000, 50000, 10)
-        if all(_port_free(base + offset) for base in (8001, 8003)):
-            return offset
-    raise RuntimeError("no free PORT_OFFSET")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1, trust_env=False)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout:g} s")
-
-
-class StackProcesses:
-    """Orchestrator + API with default timings, in a throw-away data directory."""
-
-    def __init__(self, db: str, pg_url: str) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="inventiv-soak-"))
-        self.offset = free_offset()
-        self.admin = "soak-" + uuid.uuid4().hex
-        self.api_url = f"http://127.0.0.1:{8003 + self.offset}"
-        self.orchestrator_url = f"http://127.0.0.1:{8001 + self.offset}"
-        self.env = {
-            k: v
-            for k, v in os.environ.items()
-            # Default timings are the point: drop any override from the caller's shell.
-            if not k.startswith(("INVENTIV_", "WORKER_")) and k != "DATABASE_URL"
-        }
-        self.env.update(
-            {
-                "PORT_OFFSET": str(self.offset),
-                "INVENTIV_DATA_DIR": str(self.tmp),
-                "INVENTIV_ADMIN_TOKEN": self.admin,
-                "INVENTIV_ENV_FILE": str(self.tmp / "none.env"),
-                "INVENTIV_LOG_LEVEL": "warning",
-            }
-        )
-        if db == "postgres":
-            self.env["DATABASE_URL"] = create_pg_database(pg_url)
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> None:
-        for service, url in (("orchestrator", self.orchestrator_url + "/healthz"), ("api", "")):
-            log = (self.tmp / f"{service}.log").open("ab")
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "inventiv.cli", "serve", service],
-                    env=self.env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-            wait_http(url or self.api_url + "/")
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def log_lines(self, service: str) -> list[str]:
-        path = self.tmp / f"{service}.log"
-        return path.read_text(errors="replace").splitlines() if path.exists() else []
-
-
-def create_pg_database(pg_url: str) -> str:
-    import asyncpg
-
-    name = f"inventiv_soak_{uuid.uuid4().hex[:8]}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(pg_url.replace("postgresql+asyncpg://", "postgresql://"))
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    return pg_url.rpartition("/")[0] + "/" + name
 
 
 # --------------------------------------------------------------------------- workers
@@ -284,7 +170,7 @@ async def watch_host(tally: Tally, end: float) -> None:
         tally.load_max = max(tally.load_max, os.getloadavg()[0])
 
 
-async def soak(args: argparse.Namespace, stack: StackProcesses) -> dict[str, object]:
+async def soak(args: argparse.Namespace, stack: Stack) -> dict[str, object]:
     tally = Tally()
     workers: list[Worker] = []
     started = time.monotonic()
@@ -439,8 +325,8 @@ def write_docs(
         "No worker was ever declared unreachable: the watchdog left every healthy worker in "
         "routing."
     )
-    section = f"""<!-- {SECTION}:start -->
-### Soak: {result["workers"]} healthy workers, {args.minutes:g} min ({day}, {machine})
+    title = f"Soak: {result['workers']} healthy workers, {args.minutes:g} min ({day}, {machine})"
+    body = f"""### {title}
 
 `{command}`
 
@@ -467,21 +353,8 @@ agent does (full-jitter backoff from 0.5 s).
 | statuses at the end | {result["statuses"]} |
 | orchestrator/API warnings or errors logged | {warnings} |
 
-{explained}
-<!-- {SECTION}:end -->"""
-    replace_section(section)
-
-
-def replace_section(section: str) -> None:
-    """Replace this benchmark's own section in docs/benchmarks.md, keeping every other one."""
-    text = DOCS.read_text() if DOCS.exists() else DOCS_HEADER
-    pattern = re.compile(rf"<!-- {SECTION}:start -->.*?<!-- {SECTION}:end -->", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOCS.write_text(text)
-    print(f"wrote {DOCS.relative_to(ROOT)}")
+{explained}"""
+    replace_section(SECTION, body)
 
 
 def main() -> int:
@@ -489,19 +362,13 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=200)
     parser.add_argument("--jitter-ms", type=float, default=300.0)
-    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
-    parser.add_argument(
-        "--pg-url",
-        default=os.environ.get(
-            "INVENTIV_TEST_PG_URL", "postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/postgres"
-        ),
-    )
+    add_database_options(parser)
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
     if not 0 < args.minutes <= 24 * 60:
         parser.error("--minutes must be in (0, 1440]")
 
-    stack = StackProcesses(args.db, args.pg_url)
+    stack = Stack("soak", args.db, args.pg_url)
     try:
         stack.start()
         result = asyncio.run(soak(args, stack))
