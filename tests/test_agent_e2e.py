@@ -4,8 +4,6 @@ bootstrap -> ready, engine crash -> restarted, agent restart -> worker token, UR
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import signal
 import socket
@@ -14,38 +12,20 @@ import stat
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from inventiv.agent.metrics import parse_prometheus
+from tests.conftest import free_port
+from tests.fake_cloudflared.fake_cloudflared import ensure_certificate
+from tests.fake_cloudflared.helpers import wait_for
 
 HEARTBEAT_S = "0.3"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def _alive(pid: int) -> bool:
@@ -60,7 +40,7 @@ class AgentProcess:
 
     def __init__(self, tmp: Path, agent_env: dict[str, str], **extra: str) -> None:
         self.state_dir = tmp / "worker-state"
-        self.health_port = _free_port()
+        self.health_port = free_port()
         self.log_path = tmp / "agent.log"
         base = {
             k: v
@@ -135,67 +115,9 @@ def agents() -> Iterator[list[AgentProcess]]:
 # --------------------------------------------------------------------------- TLS "tunnel"
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path, Path]:
-    """A CA and a 127.0.0.1 server certificate it signed: (ca.pem, cert.pem, key.pem)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inventiv test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = (tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem")
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, the stand-in tunnel's: (cert.pem, key.pem)."""
+    return ensure_certificate(tmp / "tunnel.pem")
 
 
 class TlsProxy:
@@ -284,7 +206,7 @@ def test_worker_lifecycle(stack_factory: Any, tmp_path: Path, agents: list[Any])
     assert token_file.read_text().startswith("ivt_")
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     seq = stack.get_instance(iid)["heartbeat_seq"] or 0
-    _until(lambda: (stack.get_instance(iid)["heartbeat_seq"] or 0) > seq + 2, what="heartbeats")
+    wait_for(lambda: (stack.get_instance(iid)["heartbeat_seq"] or 0) > seq + 2, what="heartbeats")
     assert httpx.get(f"http://127.0.0.1:{agent.health_port}/readyz").status_code == 200
     assert stack.get_instance(iid)["metrics"]["gpus"] == []  # no GPU here, none invented
 
@@ -292,7 +214,7 @@ def test_worker_lifecycle(stack_factory: Any, tmp_path: Path, agents: list[Any])
     first_engine = agent.engine_pid()
     assert first_engine is not None
     os.kill(first_engine, signal.SIGKILL)
-    _until(
+    wait_for(
         lambda: (
             agent.metrics().get("inventiv_agent_engine_restarts_total") == 1
             and agent.metrics().get("inventiv_agent_engine_ready") == 1
@@ -309,7 +231,7 @@ def test_worker_lifecycle(stack_factory: Any, tmp_path: Path, agents: list[Any])
     assert not _alive(second_engine)
     worker_id = stack.get_instance(iid)["worker_id"]
     agent.start()
-    _until(lambda: "using the worker token" in agent.log(), what="re-registration")
+    wait_for(lambda: "using the worker token" in agent.log(), what="re-registration")
     assert stack.wait_status(iid, "ready", timeout=30)["worker_id"] == worker_id
     registered = [e for e in stack.events(iid) if e["kind"] == "registered"]
     assert [e["reason"] for e in registered][-2:] in (
@@ -333,7 +255,8 @@ def test_url_file_change_followed_through_tls_tunnel(
     stack = stack_factory(env={"INVENTIV_HEARTBEAT_INTERVAL_S": HEARTBEAT_S})
     instance = stack.create_instance(provider="manual", model="echo")
     iid = instance["id"]
-    ca, cert, key = _self_signed(tmp_path)
+    cert, key = _self_signed(tmp_path)
+    ca = cert  # self-signed: the certificate is its own authority
     tunnel = TlsProxy(stack.api_port, cert, key)
     url_file = tmp_path / "control-plane-url"
     url_file.write_text(tunnel.url + "\n")
@@ -355,12 +278,12 @@ def test_url_file_change_followed_through_tls_tunnel(
         url_file.write_text(stack.api_url + "\n")
     finally:
         tunnel.close()
-    _until(
+    wait_for(
         lambda: agent.metrics().get("inventiv_agent_control_plane_url_changes_total") == 1,
         what="URL file re-read",
     )
     seq = stack.get_instance(iid)["heartbeat_seq"] or 0  # written by a batcher: may lag
-    _until(
+    wait_for(
         lambda: (stack.get_instance(iid)["heartbeat_seq"] or 0) > seq + 2,
         what="heartbeats resumed",
     )
@@ -375,7 +298,7 @@ def test_url_file_change_followed_through_tls_tunnel(
     # response may carry the URL first, either way it is adopted exactly once.
     assert response.json()["pushed_to"] == 1
     assert url_file.read_text().strip() == pushed_url  # survives an agent restart
-    _until(
+    wait_for(
         lambda: agent.metrics().get("inventiv_agent_control_plane_url_changes_total") == 2,
         what="pushed URL adopted",
     )
@@ -385,8 +308,8 @@ def test_url_file_change_followed_through_tls_tunnel(
 
 def test_untrusted_tls_is_not_accepted(tmp_path: Path, agents: list[Any]) -> None:
     # Without WORKER_CA_BUNDLE the self-signed proxy must be refused before any token is sent.
-    _, cert, key = _self_signed(tmp_path)
-    tunnel = TlsProxy(_free_port(), cert, key)  # nothing behind it: TLS must fail first
+    cert, key = _self_signed(tmp_path)
+    tunnel = TlsProxy(free_port(), cert, key)  # nothing behind it: TLS must fail first
     env = {
         "INSTANCE_ID": "8ddf90cb-168e-475d-88d4-1b970c6f191e",
         "INVENTIV_BOOTSTRAP_TOKEN": "ivt_boot_x",
@@ -397,7 +320,7 @@ def test_untrusted_tls_is_not_accepted(tmp_path: Path, agents: list[Any]) -> Non
     agents.append(agent)
     agent.start()
     try:
-        _until(lambda: "unreachable since" in agent.log(), what="unreachable log line")
+        wait_for(lambda: "unreachable since" in agent.log(), what="unreachable log line")
         assert "CERTIFICATE_VERIFY_FAILED" in agent.log()
         assert tunnel.connections == 0  # the handshake failed: no request reached upstream
     finally:
@@ -410,19 +333,19 @@ def test_engine_dies_with_a_sigkilled_agent(tmp_path: Path, agents: list[Any]) -
     env = {
         "INSTANCE_ID": "8ddf90cb-168e-475d-88d4-1b970c6f191e",
         "INVENTIV_BOOTSTRAP_TOKEN": "ivt_boot_x",
-        "WORKER_CONTROL_PLANE_URL": f"http://127.0.0.1:{_free_port()}",
+        "WORKER_CONTROL_PLANE_URL": f"http://127.0.0.1:{free_port()}",
         "WORKER_ENGINE": "echo",
         "WORKER_MODEL_ID": "m",
     }
     agent = AgentProcess(tmp_path, env)
     agents.append(agent)
     agent.start()
-    engine = _until(agent.engine_pid, what="engine started")
-    _until(lambda: agent.metrics().get("inventiv_agent_engine_ready") == 1, what="engine ready")
+    engine = wait_for(agent.engine_pid, what="engine started")
+    wait_for(lambda: agent.metrics().get("inventiv_agent_engine_ready") == 1, what="engine ready")
     assert agent.proc is not None
     agent.proc.kill()  # no chance to clean up: the guard process must do it
     agent.proc.wait()
-    _until(lambda: not _alive(engine), timeout=10, what="engine gone")
+    wait_for(lambda: not _alive(engine), timeout=10, what="engine gone")
 
 
 def test_invalid_url_exits_naming_the_rule(tmp_path: Path) -> None:
