@@ -24,6 +24,7 @@ from inventiv.asgi import HTTPError
 from inventiv.config import Settings
 from inventiv.db.models import Instance, WorkerToken, utcnow
 from inventiv.orchestrator.lifecycle import (
+    ENDING,
     S,
     Status,
     desired_state,
@@ -202,7 +203,7 @@ class WorkerProtocol:
             self._check_token(record, token_hash, instance_id)
             assert record is not None
             self._limit_registers(instance_id)  # after auth: nobody else can use up the budget
-            if instance.status in (S.TERMINATING, *FAILED_STATES):
+            if instance.status in ENDING:
                 raise HTTPError(
                     409,
                     "instance_terminating",
@@ -445,9 +446,6 @@ class WorkerProtocol:
                 )
                 instance.worker_status = req.status.value
             await session.commit()
-
-
-FAILED_STATES = (S.PROVISIONING_FAILED, S.STARTUP_FAILED, S.TERMINATED)
 
 
 def lifecycle_target(current: str, reported: WorkerStatus) -> Status | None:
