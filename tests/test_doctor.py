@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +15,12 @@ from inventiv.tunnel.doctor import Doctor
 from inventiv.tunnel.probe import Probe
 from inventiv.tunnel.stacksettings import ConfiguredURL
 from tests.conftest import Stack, free_port, free_port_offset
-from tests.fake_cloudflared.helpers import (
+from tests.fake_cloudflared.helpers import (  # fake_api_fixture provides `api`
     CLI,
     FakeAPI,
     FakeEnv,
     Running,
+    fake_api_fixture,  # noqa: F401
     make_env,
     start_fake_cloudflared,
     stop_process,
@@ -50,19 +49,6 @@ def doctor_json(fake: FakeEnv) -> dict[str, dict[str, Any]]:
     return {check["id"]: check for check in report["checks"]}
 
 
-@pytest.fixture
-def api() -> Iterator[FakeAPI]:
-    with FakeAPI(free_port(), "tok-" + uuid.uuid4().hex) as server:
-        yield server
-
-
-def api_env(api: FakeAPI) -> dict[str, str]:
-    return {
-        "API_HOST_PORT": str(api.server.server_address[1]),
-        "INVENTIV_ADMIN_TOKEN": api.state.token,
-    }
-
-
 def test_connection_refused_api_not_started(tmp_path: Path) -> None:
     offset = free_port_offset()
     fake = make_env(tmp_path, {"PORT_OFFSET": str(offset)})
@@ -81,7 +67,7 @@ def test_connection_refused_api_not_started(tmp_path: Path) -> None:
 
 def test_cloudflared_on_the_wrong_port(tmp_path: Path, api: FakeAPI) -> None:
     api_port = api.server.server_address[1]
-    fake = make_env(tmp_path, api_env(api))
+    fake = make_env(tmp_path, api.env())
     wrong_port = free_port()
     proc, url = start_fake_cloudflared(fake, wrong_port)
     try:
@@ -101,7 +87,7 @@ def test_cloudflared_on_the_wrong_port(tmp_path: Path, api: FakeAPI) -> None:
 
 
 def test_tunnel_down(tmp_path: Path, api: FakeAPI) -> None:
-    fake = make_env(tmp_path, api_env(api))
+    fake = make_env(tmp_path, api.env())
     proc, url = start_fake_cloudflared(fake, api.server.server_address[1])
     stop_process(proc)
     fake.env_file.write_text(f"{KEY}={url}\n")
@@ -130,7 +116,7 @@ def test_tunnel_down(tmp_path: Path, api: FakeAPI) -> None:
     ids=["trailing-slash", "with-path"],
 )
 def test_url_with_trailing_slash_or_path(tmp_path: Path, api: FakeAPI, bad: str) -> None:
-    fake = make_env(tmp_path, api_env(api))
+    fake = make_env(tmp_path, api.env())
     fake.env_file.write_text(f"# tunnel\n{KEY}={bad}\n")
     result = doctor(fake)
     assert result.returncode == 1
@@ -144,7 +130,7 @@ def test_url_with_trailing_slash_or_path(tmp_path: Path, api: FakeAPI, bad: str)
 
 
 def test_url_not_set_says_make_tunnel(tmp_path: Path, api: FakeAPI) -> None:
-    fake = make_env(tmp_path, api_env(api))
+    fake = make_env(tmp_path, api.env())
     checks = doctor_json(fake)
     assert checks["url_valid"]["status"] == "fail"
     assert "make tunnel" in checks["url_valid"]["fix"]
@@ -152,7 +138,7 @@ def test_url_not_set_says_make_tunnel(tmp_path: Path, api: FakeAPI) -> None:
 
 def test_orchestrator_unreachable_from_the_api(tmp_path: Path, api: FakeAPI) -> None:
     api.state.orchestrator = "unreachable"
-    fake = make_env(tmp_path, api_env(api))
+    fake = make_env(tmp_path, api.env())
     fake.env_file.write_text(f"{KEY}=https://a-b-c.trycloudflare.com\n")
     result = doctor(fake)
     assert result.returncode == 1
@@ -161,7 +147,7 @@ def test_orchestrator_unreachable_from_the_api(tmp_path: Path, api: FakeAPI) -> 
 
 
 def test_control_plane_still_handing_out_an_old_url(tmp_path: Path, api: FakeAPI) -> None:
-    fake = make_env(tmp_path, api_env(api))
+    fake = make_env(tmp_path, api.env())
     proc, url = start_fake_cloudflared(fake, api.server.server_address[1])
     api.state.control_url = "https://old-gone.trycloudflare.com"
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,11 +15,12 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
-from tests.fake_cloudflared.helpers import (
+from tests.fake_cloudflared.helpers import (  # fake_api_fixture provides `api`
     CLI,
     FakeAPI,
     FakeEnv,
     Running,
+    fake_api_fixture,  # noqa: F401
     make_env,
     read_env_file,
     wait_for,
@@ -31,21 +31,8 @@ ENV_BEFORE = "# dev settings, edited by hand\nFOO=bar\n\n# tunnel:\nWORKER_CONTR
 
 
 @pytest.fixture
-def api() -> Iterator[FakeAPI]:
-    with FakeAPI(free_port(), "tok-" + uuid.uuid4().hex) as server:
-        yield server
-
-
-def api_env(api: FakeAPI) -> dict[str, str]:
-    return {
-        "API_HOST_PORT": str(api.server.server_address[1]),
-        "INVENTIV_ADMIN_TOKEN": api.state.token,
-    }
-
-
-@pytest.fixture
 def fake(tmp_path: Path, api: FakeAPI) -> FakeEnv:
-    fake = make_env(tmp_path, api_env(api))
+    fake = make_env(tmp_path, api.env())
     fake.env_file.write_text(ENV_BEFORE)
     return fake
 
@@ -82,7 +69,7 @@ def test_tunnel_writes_the_url_and_announces_it(fake: FakeEnv, api: FakeAPI) -> 
 
 def test_progress_is_printed_while_cloudflared_is_slow(tmp_path: Path, api: FakeAPI) -> None:
     fake = make_env(
-        tmp_path, api_env(api), FAKE_CLOUDFLARED_DELAY_S="2.6", FAKE_CLOUDFLARED_HOST="localhost"
+        tmp_path, api.env(), FAKE_CLOUDFLARED_DELAY_S="2.6", FAKE_CLOUDFLARED_HOST="localhost"
     )
     running = Running([*CLI, "tunnel"], fake.env)
     try:
@@ -135,7 +122,7 @@ def test_announcement_is_retried_until_the_api_answers(tmp_path: Path) -> None:
 
 
 def test_missing_cloudflared_says_how_to_install_it(tmp_path: Path, api: FakeAPI) -> None:
-    fake = make_env(tmp_path, api_env(api), with_fake=False)
+    fake = make_env(tmp_path, api.env(), with_fake=False)
     fake.env_file.write_text(ENV_BEFORE)
     result = subprocess.run(
         [*CLI, "tunnel"], env=fake.env, capture_output=True, text=True, timeout=60
@@ -151,7 +138,7 @@ def test_missing_cloudflared_says_how_to_install_it(tmp_path: Path, api: FakeAPI
 
 
 def test_no_url_from_cloudflared_times_out(tmp_path: Path, api: FakeAPI) -> None:
-    fake = make_env(tmp_path, api_env(api), FAKE_CLOUDFLARED_SILENT="1")
+    fake = make_env(tmp_path, api.env(), FAKE_CLOUDFLARED_SILENT="1")
     result = subprocess.run(
         [*CLI, "tunnel", "--url-timeout", "2"],
         env=fake.env,
@@ -205,7 +192,7 @@ def test_a_second_tunnel_for_the_same_stack_is_refused(fake: FakeEnv, api: FakeA
 
 
 def test_stop_while_waiting_for_the_url_stops_cloudflared(tmp_path: Path, api: FakeAPI) -> None:
-    fake = make_env(tmp_path, api_env(api), FAKE_CLOUDFLARED_SILENT="1")
+    fake = make_env(tmp_path, api.env(), FAKE_CLOUDFLARED_SILENT="1")
     running = Running([*CLI, "tunnel"], fake.env)
     started = wait_for(lambda: fake.events(), what="the stand-in")[0]
     assert running.stop() == 0

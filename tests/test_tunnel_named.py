@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,11 +20,11 @@ from inventiv.tunnel.named import (
     render_config,
     resolve_credentials_file,
 )
-from tests.conftest import free_port
-from tests.fake_cloudflared.helpers import (
+from tests.fake_cloudflared.helpers import (  # fake_api_fixture provides `api`
     CLI,
     FakeAPI,
     Running,
+    fake_api_fixture,  # noqa: F401
     make_env,
     read_env_file,
     wait_for,
@@ -95,12 +94,6 @@ def test_missing_credentials_explain_how_to_create_the_tunnel(
     assert "cloudflared tunnel route dns inventiv-dev" in str(info.value)
     with pytest.raises(NamedTunnelError, match="does not exist"):
         resolve_credentials_file("cloudflared", "x", tmp_path / "nope.json")
-
-
-@pytest.fixture
-def api() -> Iterator[FakeAPI]:
-    with FakeAPI(free_port(), "tok-" + uuid.uuid4().hex) as server:
-        yield server
 
 
 def test_named_tunnel_runs_with_its_config_and_stable_url(tmp_path: Path, api: FakeAPI) -> None:

@@ -15,13 +15,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
+
+from tests.conftest import free_port
 
 SOURCE = Path(__file__).with_name("fake_cloudflared.py")
 CLI = [sys.executable, "-m", "inventiv.cli"]
@@ -252,6 +256,13 @@ class FakeAPI:
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
+    def env(self) -> dict[str, str]:
+        """Settings that point the tunnel commands at this stand-in API."""
+        return {
+            "API_HOST_PORT": str(self.server.server_address[1]),
+            "INVENTIV_ADMIN_TOKEN": self.state.token,
+        }
+
     def __enter__(self) -> FakeAPI:
         self.thread.start()
         return self
@@ -259,3 +270,10 @@ class FakeAPI:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(name="api")
+def fake_api_fixture() -> Iterator[FakeAPI]:
+    """A running stand-in API; test modules import this to get the `api` fixture."""
+    with FakeAPI(free_port(), "tok-" + uuid.uuid4().hex) as server:
+        yield server
