@@ -265,6 +265,16 @@ def stack(stack_factory: StackFactory) -> Stack:
     return stack_factory()
 
 
+@pytest.fixture(scope="module")
+def module_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A running stack on SQLite, shared by a module's tests."""
+    factory = StackFactory(tmp_path_factory.mktemp("stack"))
+    try:
+        yield factory()
+    finally:
+        factory.close()
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def db_stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory

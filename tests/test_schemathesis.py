@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.conftest import Stack, StackFactory
-
-
-@pytest.fixture(scope="module")
-def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    factory = StackFactory(tmp_path_factory.mktemp("fuzz"))
-    try:
-        yield factory()
-    finally:
-        factory.close()
+from tests.conftest import Stack
 
 
 def invalid_http(headers: dict[str, str] | None) -> bool:
@@ -30,8 +19,8 @@ schema = schemathesis.from_pytest_fixture("fuzz_schema")
 
 
 @pytest.fixture(scope="module")
-def fuzz_schema(fuzz_stack: Stack):
-    return schemathesis.from_uri(fuzz_stack.api_url + "/openapi.json", force_schema_version="30")
+def fuzz_schema(module_stack: Stack):
+    return schemathesis.from_uri(module_stack.api_url + "/openapi.json", force_schema_version="30")
 
 
 @schema.parametrize()
@@ -40,9 +29,9 @@ def fuzz_schema(fuzz_stack: Stack):
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-def test_no_5xx_for_any_generated_input(case, fuzz_stack: Stack) -> None:
+def test_no_5xx_for_any_generated_input(case, module_stack: Stack) -> None:
     for authorized in (True, False):
-        headers = {"authorization": f"Bearer {fuzz_stack.admin_token}"} if authorized else {}
+        headers = {"authorization": f"Bearer {module_stack.admin_token}"} if authorized else {}
         response = case.call(headers=headers, timeout=10)
         assert response.status_code < 500, (
             f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:300]}"

@@ -7,7 +7,7 @@ import gc
 import logging
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import uvicorn
@@ -18,8 +18,13 @@ from inventiv.admin_cli import call, instances_app, wait_ready
 from inventiv.agent.cli import worker
 from inventiv.config import ControlPlaneURLError, Settings, load_settings
 from inventiv.engines.cli import engine_app
+from inventiv.fastlane import RoutesASGI, fastlane_protocol
 from inventiv.stack import StackError, StackPaths, probe, start_stack, stop_stack, supervise
 from inventiv.tunnel.cli import doctor, expose, tunnel
+
+if TYPE_CHECKING:
+    from inventiv.api.app import ApiApp
+    from inventiv.orchestrator.app import OrchestratorApp
 
 app = typer.Typer(
     help="Inventiv: a control plane for fleets of GPU inference workers.",
@@ -196,7 +201,7 @@ def serve(
     if service == "api":
         from inventiv.api.app import create_app as create_api
 
-        application: object = create_api(settings)
+        application: ApiApp | OrchestratorApp = create_api(settings)
         bind = host or settings.api_bind_host
         listen = port or settings.api_port
     elif service == "orchestrator":
@@ -210,11 +215,12 @@ def serve(
         raise typer.Exit(code=2)
     settings.resolve_admin_token()
     config = uvicorn.Config(
-        application,  # type: ignore[arg-type]
+        RoutesASGI(application.route, application.fastapi),
         host=bind,
         port=listen,
         loop="uvloop",
-        http="httptools",
+        # FastLane answers the hot routes itself and hands every other connection to uvicorn.
+        http=fastlane_protocol(application.route),
         access_log=False,
         log_level=settings.log_level,
         timeout_keep_alive=75,

@@ -12,8 +12,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from inventiv.asgi import HTTPError
 from inventiv.config import ControlPlaneURLError
+from inventiv.errors import HTTPError
 from inventiv.orchestrator.instances import InstanceService
 from inventiv.protocol import ErrorBody
 from inventiv.schemas import (

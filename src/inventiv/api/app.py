@@ -1,6 +1,6 @@
 """The API process, the public edge: forwards the worker protocol and the admin API to the
-orchestrator over keep-alive connections, answers the seed's local check `GET /`, and publishes
-the OpenAPI document at /docs.
+orchestrator over keep-alive connections (on FastLane), answers the seed's local check `GET /`,
+and publishes the OpenAPI document at /docs (on FastAPI).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from inventiv.api.admin import router as admin_router
 from inventiv.api.errors import install_error_handlers
 from inventiv.api.openapi import add_worker_protocol
 from inventiv.api.upstream import UpstreamPool, UpstreamTimeout, UpstreamUnavailable
-from inventiv.asgi import HTTPError, RawHeaders, Receive, Scope, Send, read_body, send_error
 from inventiv.config import Settings
+from inventiv.errors import HTTPError
+from inventiv.fastlane import Handler, RawHeaders, Request, Response
 from inventiv.protocol import REQUEST_ID_HEADER, WORKER_PATH_PREFIX
 from inventiv.schemas import ApiStatus
 
@@ -34,6 +35,7 @@ _DROP_REQUEST = frozenset(
         b"content-length",
         b"transfer-encoding",
         b"te",
+        b"expect",  # the API has read the whole body; the orchestrator must not ask for it
         b"trailer",
         b"upgrade",
         b"proxy-authorization",
@@ -52,41 +54,49 @@ ORCHESTRATOR_RETRY_AFTER_S = 2
 HEALTH_TIMEOUT_S = 1.0
 
 
-def forwarded_prefixes() -> tuple[str, ...]:
-    return (WORKER_PATH_PREFIX, "/api/")
-
-
 class ApiApp:
-    """Lean forwarding for `/internal/worker/*` and `/api/*`; FastAPI for everything else."""
+    """Forwards `/internal/worker/*` and `/api/*` on FastLane; FastAPI serves everything else.
+
+    Worker calls and admin calls use separate connection pools, so an admin request never
+    hands a worker connection of the orchestrator's over to its slower ASGI path.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.upstream = UpstreamPool(
+        self.workers_upstream = self._pool(settings)
+        self.admin_upstream = self._pool(settings)
+        self.fastapi = build_fastapi(self.admin_upstream, self.workers_upstream)
+        self._worker_prefix = WORKER_PATH_PREFIX.encode()
+        # Request ids: a random per-process prefix and a counter, unique without a syscall.
+        self._id_prefix = uuid.uuid4().hex[:16].encode()
+        self._ids = itertools.count(1)
+
+    @staticmethod
+    def _pool(settings: Settings) -> UpstreamPool:
+        return UpstreamPool(
             settings.orchestrator_host,
             settings.orchestrator_port,
             unix_path=settings.orchestrator_socket,
             timeout_s=settings.proxy_timeout_s,
         )
-        self.fastapi = build_fastapi(self.upstream)
-        self._prefixes = forwarded_prefixes()
-        # Request ids: a random per-process prefix and a counter, unique without a syscall.
-        self._id_prefix = uuid.uuid4().hex[:16].encode()
-        self._ids = itertools.count(1)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self._prefixes):
-            try:
-                await self._forward(scope, receive, send)
-            except HTTPError as exc:
-                await send_error(send, exc)
-            return
-        await self.fastapi(scope, receive, send)
+    def route(self, method: bytes, path: bytes) -> Handler | None:
+        if path.startswith(self._worker_prefix):
+            return self._forward_worker
+        if path.startswith(b"/api/"):
+            return self._forward_admin
+        return None
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await read_body(scope, receive)
+    async def _forward_worker(self, request: Request) -> Response:
+        return await self._forward(self.workers_upstream, request)
+
+    async def _forward_admin(self, request: Request) -> Response:
+        return await self._forward(self.admin_upstream, request)
+
+    async def _forward(self, upstream: UpstreamPool, request: Request) -> Response:
         request_id = b""
         headers: RawHeaders = []
-        for name, value in scope["headers"]:
+        for name, value in request.headers:
             if name == b"x-request-id":
                 if _REQUEST_ID.match(value):
                     request_id = value
@@ -94,14 +104,12 @@ class ApiApp:
                 headers.append((name, value))
         if not request_id:
             request_id = b"%s-%x" % (self._id_prefix, next(self._ids))
-        client = scope.get("client")
-        headers.append((b"x-forwarded-for", (client[0] if client else "unknown").encode()))
+        headers.append((b"x-forwarded-for", (request.client or "unknown").encode()))
         headers.append((b"x-request-id", request_id))
-        target = scope.get("raw_path") or scope["path"].encode()
-        if scope.get("query_string"):
-            target += b"?" + scope["query_string"]
         try:
-            response = await self.upstream.request(scope["method"], target, headers, body)
+            answer = await upstream.request(
+                request.method.decode(), request.target, headers, request.body
+            )
         except UpstreamUnavailable:
             raise HTTPError(
                 503,
@@ -114,23 +122,23 @@ class ApiApp:
             raise HTTPError(
                 504,
                 "orchestrator_timeout",
-                f"The orchestrator did not answer within {self.upstream.timeout_s:g} s; retry "
-                "shortly.",
+                f"The orchestrator did not answer within {upstream.timeout_s:g} s; retry shortly.",
                 [(b"retry-after", str(ORCHESTRATOR_RETRY_AFTER_S).encode())],
             ) from None
-        out = [(n, v) for n, v in response.headers if n not in _DROP_RESPONSE]
-        out.append((b"content-length", str(len(response.body)).encode()))
+        out = [(n, v) for n, v in answer.headers if n not in _DROP_RESPONSE]
         if not any(n == b"x-request-id" for n, _ in out):
             out.append((b"x-request-id", request_id))
-        await send({"type": "http.response.start", "status": response.status, "headers": out})
-        await send({"type": "http.response.body", "body": response.body})
+        return Response(answer.status, answer.body, out)
 
 
-def build_fastapi(upstream: UpstreamPool) -> FastAPI:
+def build_fastapi(upstream: UpstreamPool, *others: UpstreamPool) -> FastAPI:
+    """`upstream` answers the health check; every pool given is closed at shutdown."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await upstream.close()
+        for pool in (upstream, *others):
+            await pool.close()
 
     app = FastAPI(
         title="Inventiv API",
@@ -141,7 +149,7 @@ def build_fastapi(upstream: UpstreamPool) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    # Documented here, served by the orchestrator: ApiApp forwards /api/* before FastAPI.
+    # Documented here, served by the orchestrator: ApiApp forwards /api/* on FastLane.
     app.include_router(admin_router)
 
     @app.get("/", response_model=ApiStatus, tags=["status"])

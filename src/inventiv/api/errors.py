@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inventiv.asgi import HTTPError, error_payload
+from inventiv.errors import HTTPError, error_payload
 
 _STATUS_CODES = {
     400: "bad_request",

@@ -86,6 +86,11 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         waiter = self._waiter
         assert parser is not None
+        if 100 <= parser.get_status_code() < 200:
+            # An interim answer (100 Continue): the final one follows on the same parser.
+            self._headers = []
+            self._body = []
+            return
         if not parser.should_keep_alive():
             self.close()
         if waiter is not None and not waiter.done():

@@ -1,4 +1,4 @@
-"""The orchestrator process: the worker protocol on lean ASGI routes (the hot path), the admin
+"""The orchestrator process: the worker protocol on FastLane routes (the hot path), the admin
 routes on FastAPI, and the background jobs, all sharing one database engine.
 
 Listens on 127.0.0.1 only; the API is its one client.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI
@@ -18,21 +19,11 @@ from pydantic import BaseModel, ValidationError
 from inventiv import __version__
 from inventiv.api.admin import router as admin_router
 from inventiv.api.errors import describe_validation_errors, install_error_handlers
-from inventiv.asgi import (
-    HTTPError,
-    Receive,
-    Scope,
-    Send,
-    bearer_token,
-    header_value,
-    read_body,
-    send_error,
-    send_json,
-    send_response,
-)
 from inventiv.config import Settings
 from inventiv.db.engine import create_engine, create_session_factory
 from inventiv.db.migrate import upgrade_database
+from inventiv.errors import HTTPError
+from inventiv.fastlane import Handler, Request, Response, json_response
 from inventiv.orchestrator.control_url import ControlPlaneURL
 from inventiv.orchestrator.instances import InstanceService
 from inventiv.orchestrator.jobs import Jobs
@@ -42,6 +33,7 @@ from inventiv.protocol import (
     PING_PATH,
     PROTOCOL_VERSION,
     REGISTER_PATH,
+    WORKER_PATH_PREFIX,
     HeartbeatRequest,
     RegisterRequest,
 )
@@ -61,8 +53,8 @@ def parse_message(model: type[M], body: bytes) -> M:
         raise HTTPError(status, code, message) from None
 
 
-def require_bearer(scope: Scope) -> str:
-    token = bearer_token(scope)
+def require_bearer(request: Request) -> str:
+    token = request.bearer_token()
     if token is None:
         raise HTTPError(
             401,
@@ -74,12 +66,11 @@ def require_bearer(scope: Scope) -> str:
     return token
 
 
-def client_address(scope: Scope) -> str | None:
-    forwarded = header_value(scope, b"x-forwarded-for")
+def client_address(request: Request) -> str | None:
+    forwarded = request.header(b"x-forwarded-for")
     if forwarded:
         return forwarded.decode("latin-1").split(",")[-1].strip() or None
-    client = scope.get("client")
-    return client[0] if client else None
+    return request.client
 
 
 def build_fastapi(settings: Settings, started: Callable[[WorkerProtocol], None]) -> FastAPI:
@@ -147,27 +138,43 @@ def build_fastapi(settings: Settings, started: Callable[[WorkerProtocol], None])
 
 
 class OrchestratorApp:
-    """Serves the worker protocol without FastAPI's per-request cost; all else goes to FastAPI."""
+    """The worker protocol on FastLane; everything else (admin, health) on FastAPI."""
 
     def __init__(self, settings: Settings) -> None:
         self._workers: WorkerProtocol | None = None
         self.fastapi = build_fastapi(settings, self._started)
-        self._routes: dict[tuple[str, str], Callable[[Scope, Receive, Send], Awaitable[None]]] = {
-            ("POST", HEARTBEAT_PATH): self._heartbeat,
-            ("POST", REGISTER_PATH): self._register,
-            ("GET", PING_PATH): self._ping,
+        self._routes: dict[tuple[bytes, bytes], Handler] = {
+            (b"POST", HEARTBEAT_PATH.encode()): self._heartbeat,
+            (b"POST", REGISTER_PATH.encode()): self._register,
+            (b"GET", PING_PATH.encode()): self._ping,
         }
+        self._worker_prefix = WORKER_PATH_PREFIX.encode()
+        self._ping_body = json.dumps(
+            {"ok": True, "service": "inventiv-orchestrator", "protocol_version": PROTOCOL_VERSION}
+        ).encode()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            handler = self._routes.get((scope["method"], scope["path"]))
-            if handler is not None:
-                try:
-                    await handler(scope, receive, send)
-                except HTTPError as exc:
-                    await send_error(send, exc)
-                return
-        await self.fastapi(scope, receive, send)
+    def route(self, method: bytes, path: bytes) -> Handler | None:
+        handler = self._routes.get((method, path))
+        if handler is None and path.startswith(self._worker_prefix):
+            # Answered here too, so a stray worker path never hands a pooled connection of the
+            # API's over to the slower ASGI path.
+            return self._no_such_worker_route
+        return handler
+
+    async def _no_such_worker_route(self, request: Request) -> Response:
+        known = {path for _, path in self._routes}
+        if request.path in known:
+            raise HTTPError(
+                405,
+                "method_not_allowed",
+                f"{request.method.decode()} is not allowed on {request.path.decode()}; see "
+                "docs/worker-protocol.md.",
+            )
+        raise HTTPError(
+            404,
+            "not_found",
+            f"No worker route {request.path.decode()}; see docs/worker-protocol.md.",
+        )
 
     def _started(self, workers: WorkerProtocol) -> None:
         self._workers = workers
@@ -178,25 +185,19 @@ class OrchestratorApp:
             raise HTTPError(503, "starting", "The orchestrator is starting; retry in a moment.")
         return self._workers
 
-    async def _heartbeat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        token = require_bearer(scope)
-        body = await read_body(scope, receive)
-        message = parse_message(HeartbeatRequest, body)
-        await send_response(send, 200, await self.workers.heartbeat(token, message))
+    async def _heartbeat(self, request: Request) -> Response:
+        token = require_bearer(request)
+        message = parse_message(HeartbeatRequest, request.body)
+        return json_response(200, await self.workers.heartbeat(token, message))
 
-    async def _register(self, scope: Scope, receive: Receive, send: Send) -> None:
-        token = require_bearer(scope)
-        body = await read_body(scope, receive)
-        message = parse_message(RegisterRequest, body)
-        payload = await self.workers.register(token, message, client_address(scope))
-        await send_response(send, 200, payload)
+    async def _register(self, request: Request) -> Response:
+        token = require_bearer(request)
+        message = parse_message(RegisterRequest, request.body)
+        payload = await self.workers.register(token, message, client_address(request))
+        return json_response(200, payload)
 
-    async def _ping(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(
-            send,
-            200,
-            {"ok": True, "service": "inventiv-orchestrator", "protocol_version": PROTOCOL_VERSION},
-        )
+    async def _ping(self, request: Request) -> Response:
+        return json_response(200, self._ping_body)
 
 
 def create_app(settings: Settings | None = None) -> OrchestratorApp:

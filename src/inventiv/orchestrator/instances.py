@@ -12,9 +12,9 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from inventiv.asgi import HTTPError
 from inventiv.config import Settings
 from inventiv.db.models import Instance, InstanceEvent, WorkerToken, utcnow
+from inventiv.errors import HTTPError
 from inventiv.orchestrator.lifecycle import PROGRESS, S, Status, record_event, transition
 from inventiv.orchestrator.workers import issue_bootstrap_token
 from inventiv.providers.base import WorkerBoot

@@ -20,9 +20,9 @@ from typing import Any
 from sqlalchemy import bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from inventiv.asgi import HTTPError
 from inventiv.config import Settings
 from inventiv.db.models import Instance, WorkerToken, utcnow
+from inventiv.errors import HTTPError
 from inventiv.orchestrator.lifecycle import (
     ENDING,
     S,
