@@ -8,6 +8,7 @@ free: keep-alive with mixed routes, pipelining, early refusals, malformed input,
 from __future__ import annotations
 
 import json
+import random
 import signal
 import socket
 import time
@@ -268,5 +269,23 @@ def test_a_long_pipeline_is_answered_whole(module_stack: Stack) -> None:
     sock, reader = connect(module_stack)
     with sock:
         sock.sendall(b"".join(PING % name for name in names))
+        answers = reader.answers(len(names))
+    assert [a.headers["x-request-id"].encode() for a in answers] == names
+
+
+def test_pipelined_requests_split_at_random_points_are_all_answered(module_stack: Stack) -> None:
+    """Request boundaries fall anywhere in the reads; the parser state carries across them."""
+    rng = random.Random(7)
+    names = [b"s%d" % i for i in range(60)]
+    stream = b"".join(PING % name for name in names)
+    sock, reader = connect(module_stack)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with sock:
+        position = 0
+        while position < len(stream):
+            size = rng.randint(1, 300)
+            sock.sendall(stream[position : position + size])
+            position += size
+            time.sleep(0.002)
         answers = reader.answers(len(names))
     assert [a.headers["x-request-id"].encode() for a in answers] == names
