@@ -211,6 +211,19 @@ def main() -> int:
                     headers={"authorization": f"Bearer {created['bootstrap_token']}"},
                 ).json()
                 workers.append((created["id"], answer["worker_token"]))
+                # Its first heartbeat moves it starting -> ready (a synchronous write with its
+                # events), as an agent's would: the runs then measure the steady state.
+                first = client.post(
+                    "/internal/worker/heartbeat",
+                    json={
+                        "instance_id": created["id"],
+                        "worker_id": str(uuid.uuid4()),
+                        "seq": 0,
+                        "status": "ready",
+                    },
+                    headers={"authorization": f"Bearer {answer['worker_token']}"},
+                )
+                first.raise_for_status()
         script = stack.tmp / "heartbeat.lua"
         lua_script(script, "/internal/worker/heartbeat", workers)
         print(f"{args.workers} workers; {args.connections} connections, {args.seconds} s each")
@@ -282,7 +295,9 @@ def write_docs(
 
 `{command}`
 
-{args.workers} registered workers, {args.connections} connections, {args.rounds} runs of
+{args.workers} registered workers, each already `ready` (its first heartbeat, which writes the
+starting -> ready transition and its events, is sent at set-up, as an agent's would be);
+{args.connections} connections, {args.rounds} runs of
 {args.seconds} s per target (the API and orchestrator runs alternate), each after a 2 s warm-up,
 wrk with one thread; the row shows the run with the median throughput, then every run.
 Every request is an authenticated heartbeat with a rising

@@ -3,6 +3,7 @@ the token lifecycle (bootstrap -> worker token -> revoked), and the seed's own c
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -271,3 +272,31 @@ def test_a_register_loop_gets_429_with_retry_after(stack: Stack) -> None:
     assert call(stack, HEARTBEAT, token, heartbeat_body(instance_id)).status_code == 200
     other_id, other_token = registered(stack)
     assert call(stack, REGISTER, other_token, register_body(other_id)).status_code == 200
+
+
+def test_concurrent_heartbeats_write_one_change_and_one_event(db_stack: Stack) -> None:
+    """A retry overlapping the original, or many at once: the change is written once."""
+    instance_id, token = registered(db_stack)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(
+            base_url=db_stack.api_url,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=10,
+            trust_env=False,
+        ) as client:
+            answers = await asyncio.gather(
+                *(
+                    client.post(HEARTBEAT, json=heartbeat_body(instance_id, seq=seq))
+                    for seq in range(1, 25)
+                )
+            )
+        return [answer.status_code for answer in answers]
+
+    assert asyncio.run(burst()) == [200] * 24
+    assert db_stack.get_instance(instance_id)["status"] == "ready"
+    events = db_stack.events(instance_id)
+    to_ready = [e for e in events if e["kind"] == "state_changed" and e["to_status"] == "ready"]
+    reported = [e for e in events if e["kind"] == "worker_status" and e["reason"] == "ready"]
+    assert len(to_ready) == 1, events
+    assert len(reported) == 1, events

@@ -161,6 +161,8 @@ class WorkerProtocol:
         self.cache = WorkerCache(sessions)
         self._answers: dict[tuple[str, str | None], bytes] = {}
         self._registers: dict[str, list[float]] = {}
+        # Instances whose lifecycle change is being written right now.
+        self._changing: set[str] = set()
         self.batcher = HeartbeatBatcher(sessions, settings.heartbeat_flush_s)
 
     # -- cache ----------------------------------------------------------------------------
@@ -382,8 +384,16 @@ class WorkerProtocol:
             )
         now = utcnow()
         target = lifecycle_target(instance.status, req.status)
-        if target is not None or req.status.value != instance.worker_status:
-            await self._apply_heartbeat_change(instance_id, instance, target, req, now)
+        changes = target is not None or req.status.value != instance.worker_status
+        # One write per change: heartbeats that arrive while it is being written (a retry, or a
+        # whole fleet coming back at once) do not queue the same write behind it again; the
+        # next heartbeat after it sees the new state and re-checks.
+        if changes and instance_id not in self._changing:
+            self._changing.add(instance_id)
+            try:
+                await self._apply_heartbeat_change(instance_id, instance, target, req, now)
+            finally:
+                self._changing.discard(instance_id)
         self.batcher.put(instance_id, now, req)
         return self._heartbeat_answer(instance.status)
 
