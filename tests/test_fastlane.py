@@ -289,3 +289,18 @@ def test_pipelined_requests_split_at_random_points_are_all_answered(module_stack
             time.sleep(0.002)
         answers = reader.answers(len(names))
     assert [a.headers["x-request-id"].encode() for a in answers] == names
+
+
+def test_a_handed_over_connection_still_refuses_oversized_bodies(module_stack: Stack) -> None:
+    """After a FastAPI request the connection is uvicorn's; worker routes keep their limits."""
+    sock, reader = connect(module_stack)
+    with sock:
+        sock.sendall(ROOT)
+        (root,) = reader.answers(1)
+        sock.sendall(
+            b"POST /internal/worker/heartbeat HTTP/1.1\r\nhost: t\r\n"
+            b"content-type: application/json\r\ncontent-length: 10000000\r\n\r\n"
+        )
+        (answer,) = reader.answers(1)
+    assert root.status == 200
+    assert answer.status == 413 and answer.json()["error"] == "body_too_large"
