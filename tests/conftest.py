@@ -266,13 +266,17 @@ def stack(stack_factory: StackFactory) -> Stack:
 
 
 @pytest.fixture(scope="module")
-def module_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A running stack on SQLite, shared by a module's tests."""
+def module_stack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+    """Stacks that live as long as a module's tests."""
     factory = StackFactory(tmp_path_factory.mktemp("stack"))
-    try:
-        yield factory()
-    finally:
-        factory.close()
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_stack(module_stack_factory: StackFactory) -> Stack:
+    """A running stack on SQLite, shared by a module's tests."""
+    return module_stack_factory()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

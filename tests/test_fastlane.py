@@ -304,3 +304,40 @@ def test_a_handed_over_connection_still_refuses_oversized_bodies(module_stack: S
         (answer,) = reader.answers(1)
     assert root.status == 200
     assert answer.status == 413 and answer.json()["error"] == "body_too_large"
+
+
+@pytest.fixture(scope="module")
+def impatient(module_stack_factory: StackFactory) -> Stack:
+    """A stack that gives each request one second to arrive."""
+    return module_stack_factory(env={"INVENTIV_REQUEST_TIMEOUT_S": "1"})
+
+
+def test_a_request_trickling_in_gets_408_then_the_close(impatient: Stack) -> None:
+    sock, reader = connect(impatient)
+    with sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /internal/worker/heartbeat HTTP/1.1\r\nhost: t\r\n")
+        (answer,) = reader.answers(1)
+        waited = time.monotonic() - started
+        assert reader.at_eof()
+    assert answer.status == 408 and answer.json()["error"] == "request_timeout"
+    assert 0.8 < waited < 5
+
+
+def test_a_connection_that_never_sends_a_request_is_closed(impatient: Stack) -> None:
+    sock, reader = connect(impatient)
+    with sock:
+        started = time.monotonic()
+        assert reader.at_eof(timeout=10)
+        assert 0.8 < time.monotonic() - started < 5
+
+
+def test_the_deadline_is_per_request_not_per_connection(impatient: Stack) -> None:
+    """The deadline is per request: a keep-alive connection used for longer is fine."""
+    sock, reader = connect(impatient)
+    with sock:
+        for name in (b"one", b"two", b"three"):
+            sock.sendall(PING % name)
+            (answer,) = reader.answers(1)
+            assert answer.status == 200
+            time.sleep(0.6)

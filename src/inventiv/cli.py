@@ -220,7 +220,7 @@ def serve(
         port=listen,
         loop="uvloop",
         # FastLane answers the hot routes itself and hands every other connection to uvicorn.
-        http=fastlane_protocol(application.route),
+        http=fastlane_protocol(application.route, settings.request_timeout_s),
         access_log=False,
         log_level=settings.log_level,
         timeout_keep_alive=75,

@@ -161,6 +161,7 @@ class Settings(BaseSettings):
     reconcile_period_s: float = Field(default=30.0, alias="INVENTIV_RECONCILE_PERIOD_S", gt=0)
     job_period_s: float = Field(default=1.0, alias="INVENTIV_JOB_PERIOD_S", gt=0)
     proxy_timeout_s: float = Field(default=10.0, alias="INVENTIV_PROXY_TIMEOUT_S", gt=0)
+    request_timeout_s: float = Field(default=30.0, alias="INVENTIV_REQUEST_TIMEOUT_S", gt=0)
     log_level: str = Field(default="info", alias="INVENTIV_LOG_LEVEL")
 
     scaleway_access_key: str | None = Field(default=None, alias="SCW_ACCESS_KEY")

@@ -122,6 +122,8 @@ class FastLaneProtocol(asyncio.Protocol):
     router: Router
     fallback: Callable[..., asyncio.Protocol]
     """uvicorn's own protocol class, which takes over connections FastLane does not serve."""
+    request_timeout_s: float
+    """A request must arrive whole (a new connection: begin) within this; else 408 and close."""
 
     def __init__(
         self,
@@ -144,6 +146,8 @@ class FastLaneProtocol(asyncio.Protocol):
         self._paused_writing = False
         self._paused_queue = False
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._in_request = False
         # The request being parsed.
         self._url = b""
         self._headers: RawHeaders = []
@@ -163,6 +167,7 @@ class FastLaneProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._server_state.connections.add(self)
+        self._arm_deadline()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._client = str(peer[0])
@@ -171,6 +176,7 @@ class FastLaneProtocol(asyncio.Protocol):
         self._server_state.connections.discard(self)
         self._closing = True
         self._cancel_idle_timer()
+        self._cancel_deadline()
 
     def data_received(self, data: bytes) -> None:
         if self._handoff is not None:
@@ -236,6 +242,8 @@ class FastLaneProtocol(asyncio.Protocol):
         self._body = []
         self._body_bytes = 0
         self._handler = None
+        self._in_request = True
+        self._arm_deadline()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -274,6 +282,8 @@ class FastLaneProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._completed_in_read = True
+        self._in_request = False
+        self._cancel_deadline()
         handler = self._handler
         assert handler is not None
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
@@ -367,6 +377,7 @@ class FastLaneProtocol(asyncio.Protocol):
         transport = self._transport
         assert transport is not None and self._handoff is not None
         self._cancel_idle_timer()
+        self._cancel_deadline()
         self._server_state.connections.discard(self)
         protocol = self.fallback(
             config=self._config,
@@ -383,6 +394,35 @@ class FastLaneProtocol(asyncio.Protocol):
             transport.resume_reading()
 
     # ----------------------------------------------------------------------------------------
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self._loop.call_later(self.request_timeout_s, self._request_timeout)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _request_timeout(self) -> None:
+        """A request trickling in (or a connection that never sends one) holds a socket and
+        parser state for nothing: answer 408 if a request began, and close."""
+        self._deadline = None
+        if self._transport is None or self._closing or self._handoff is not None:
+            return
+        if self._in_request:
+            self._refuse(
+                HTTPError(
+                    408,
+                    "request_timeout",
+                    f"The request did not arrive whole within {self.request_timeout_s:g} s; "
+                    "send it again.",
+                )
+            )
+        elif not self._queue:
+            self._closing = True
+            self._transport.close()
 
     def _idle_timeout(self) -> None:
         if self._transport is not None and not self._queue:
@@ -484,11 +524,15 @@ def too_large() -> HTTPError:
     )
 
 
-def fastlane_protocol(router: Router) -> type[FastLaneProtocol]:
+def fastlane_protocol(router: Router, request_timeout_s: float) -> type[FastLaneProtocol]:
     """The protocol class to give uvicorn (`uvicorn.Config(http=...)`) for this router."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    attributes = {"router": staticmethod(router), "fallback": HttpToolsProtocol}
+    attributes = {
+        "router": staticmethod(router),
+        "fallback": HttpToolsProtocol,
+        "request_timeout_s": request_timeout_s,
+    }
     return type("FastLane", (FastLaneProtocol,), attributes)
 
 
