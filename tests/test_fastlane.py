@@ -341,3 +341,38 @@ def test_the_deadline_is_per_request_not_per_connection(impatient: Stack) -> Non
             (answer,) = reader.answers(1)
             assert answer.status == 200
             time.sleep(0.6)
+
+
+def read_head_answer(sock: socket.socket) -> tuple[int, dict[str, str]]:
+    """A HEAD answer: status and headers, read up to the blank line, and nothing after it."""
+    sock.settimeout(15)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before the answer's headers"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert rest == b"", f"a HEAD answer carried a body: {rest[:80]!r}"
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/instances", "/internal/worker/ping"], ids=["admin", "worker"]
+)
+def test_head_is_answered_like_get_without_the_body(module_stack: Stack, path: str) -> None:
+    """Forwarded as GET (an upstream HEAD answer has no body to wait for), then trimmed."""
+    sock, reader = connect(module_stack)
+    with sock:
+        started = time.monotonic()
+        sock.sendall(
+            b"HEAD %s HTTP/1.1\r\nhost: t\r\nauthorization: Bearer %s\r\n\r\n"
+            % (path.encode(), module_stack.admin_token.encode())
+        )
+        status, headers = read_head_answer(sock)
+        assert time.monotonic() - started < 5
+        sock.sendall(PING % b"after-head")
+        (after,) = reader.answers(1)
+    assert status == 200 and int(headers["content-length"]) > 0
+    assert after.status == 200 and after.headers["x-request-id"] == "after-head"

@@ -311,7 +311,8 @@ class FastLaneProtocol(asyncio.Protocol):
         response = await answer(handler, request)
         _, _, keep_alive = self._queue.popleft()
         # A closing connection still answers everything queued; only the last answer closes it.
-        self._write(response, keep_alive and not (self._closing and not self._queue))
+        keep_alive = keep_alive and not (self._closing and not self._queue)
+        self._write(response, keep_alive, with_body=request.method != b"HEAD")
         self._server_state.total_requests += 1
         if self._transport is None or self._transport.is_closing():
             self._queue.clear()
@@ -328,7 +329,8 @@ class FastLaneProtocol(asyncio.Protocol):
         else:
             self._idle_timer = self._loop.call_later(self._keep_alive_s, self._idle_timeout)
 
-    def _write(self, response: Response, keep_alive: bool) -> None:
+    def _write(self, response: Response, keep_alive: bool, with_body: bool = True) -> None:
+        """One write per answer. A HEAD answer says the length of the body it leaves out."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -338,7 +340,9 @@ class FastLaneProtocol(asyncio.Protocol):
         parts += [b"content-length: ", str(len(response.body)).encode(), b"\r\n"]
         if not keep_alive:
             parts.append(b"connection: close\r\n")
-        parts += [b"\r\n", response.body]
+        parts.append(b"\r\n")
+        if with_body:
+            parts.append(response.body)
         transport.write(b"".join(parts))
         if not keep_alive:
             self._closing = True

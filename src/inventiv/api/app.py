@@ -107,9 +107,10 @@ class ApiApp:
         headers.append((b"x-forwarded-for", (request.client or "unknown").encode()))
         headers.append((b"x-request-id", request_id))
         try:
-            answer = await upstream.request(
-                request.method.decode(), request.target, headers, request.body
-            )
+            # HEAD goes upstream as GET: the answer's body is then read whole whatever its
+            # headers say, and FastLane leaves it out for the client.
+            method = "GET" if request.method == b"HEAD" else request.method.decode()
+            answer = await upstream.request(method, request.target, headers, request.body)
         except UpstreamUnavailable:
             raise HTTPError(
                 503,
