@@ -1,6 +1,6 @@
 """Adds the worker protocol to the API's OpenAPI document.
 
-The worker routes are served by lean ASGI handlers, not FastAPI routes, so FastAPI cannot see
+The worker routes are FastLane handlers, not FastAPI routes, so FastAPI cannot see
 them; their schemas are generated here from the same pydantic messages the handlers parse.
 """
 
