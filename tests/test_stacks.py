@@ -118,3 +118,27 @@ def test_supervisor_restarts_a_crashed_service(tmp_path: Path) -> None:
         assert "orchestrator exited with -9; restarting" in log
     finally:
         cli(["down"], env, tmp_path)
+
+
+def test_down_stops_a_stack_whose_data_directory_was_deleted(tmp_path: Path) -> None:
+    """`rm -rf .inventiv` under a running stack: `up` says what to do, `down` still stops it."""
+    import shutil
+
+    offset = free_port_offset()
+    env = {"PORT_OFFSET": str(offset), "INVENTIV_ENV_FILE": str(tmp_path / "none.env")}
+    api = f"http://127.0.0.1:{8003 + offset}/"
+    try:
+        assert cli(["up"], env, tmp_path).returncode == 0
+        shutil.rmtree(tmp_path / ".inventiv")
+        again = cli(["up"], env, tmp_path)
+        assert again.returncode == 1 and "inventiv down" in again.stderr
+        down = cli(["down"], env, tmp_path)
+        assert down.returncode == 0 and "Stopped the stack" in down.stdout
+        try:
+            httpx.get(api, trust_env=False, timeout=2)
+            raise AssertionError("the API still answers after `inventiv down`")
+        except httpx.ConnectError:
+            pass
+        assert cli(["status"], env, tmp_path).returncode == 1
+    finally:
+        cli(["down"], env, tmp_path)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from inventiv.config import Settings
 
@@ -107,6 +108,13 @@ def start_stack(
             (settings.orchestrator_port, "orchestrator"),
         ):
             if port_in_use(port):
+                if unnamed_stack_processes(settings):
+                    raise StackError(
+                        f"An Inventiv stack already serves port {port} (PORT_OFFSET="
+                        f"{settings.port_offset}) but its pid file in {settings.data_dir} is "
+                        "gone (data directory deleted while it ran?); run `inventiv down` "
+                        "with the same PORT_OFFSET, then `inventiv up`."
+                    )
                 raise StackError(
                     f"Port {port} (the {what} port for PORT_OFFSET={settings.port_offset}) is "
                     "already used by another program; stop it or choose another PORT_OFFSET."
@@ -149,12 +157,42 @@ def wait_until_healthy(
         time.sleep(0.2)
 
 
+def unnamed_stack_processes(settings: Settings) -> list[psutil.Process]:
+    """This stack's processes when no pid file names them: Inventiv services listening on its
+    ports, and the supervisor above them (the data directory was deleted or moved while the
+    stack ran, e.g. to start afresh)."""
+    ports = {settings.api_port, settings.orchestrator_port}
+    found: dict[int, psutil.Process] = {}
+    try:
+        sockets = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return []
+    for conn in sockets:
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None or conn.laddr.port not in ports:
+            continue
+        try:
+            service = psutil.Process(conn.pid)
+            if not _is_inventiv(service, "serve"):
+                continue
+            parent = service.parent()
+            owner = parent if parent is not None and _is_inventiv(parent, "supervise") else service
+        except psutil.Error:
+            continue
+        found[owner.pid] = owner
+    return list(found.values())
+
+
+def _is_inventiv(process: psutil.Process, command: str) -> bool:
+    cmdline = process.cmdline()
+    return command in cmdline and any("inventiv" in part for part in cmdline)
+
+
 def stop_stack(settings: Settings, timeout_s: float = 20.0) -> bool:
     """Stop the supervisor and its services; False when nothing was running."""
     paths = StackPaths.of(settings)
     pid = read_pid(paths.supervisor_pid)
     if pid is None:
-        return False
+        return _stop_processes(unnamed_stack_processes(settings), timeout_s)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -163,6 +201,20 @@ def stop_stack(settings: Settings, timeout_s: float = 20.0) -> bool:
         time.sleep(0.1)
     os.killpg(pid, signal.SIGKILL)
     paths.supervisor_pid.unlink(missing_ok=True)
+    return True
+
+
+def _stop_processes(processes: list[psutil.Process], timeout_s: float) -> bool:
+    if not processes:
+        return False
+    for process in processes:
+        try:
+            process.terminate()  # a supervisor stops its services on SIGTERM
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for process in alive:
+        process.kill()
     return True
 
 
