@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -176,6 +177,21 @@ class Stack:
         """Stop the API first, so nothing reaches an orchestrator that is going away."""
         for proc in reversed(self.procs):
             stop(proc, sig)
+
+    def admin_client(self, timeout: float = 30.0) -> httpx.Client:
+        """A client of the stack's API carrying its admin token."""
+        return httpx.Client(**self._admin_client_options(timeout))
+
+    def admin_async_client(self, timeout: float = 30.0) -> httpx.AsyncClient:
+        return httpx.AsyncClient(**self._admin_client_options(timeout))
+
+    def _admin_client_options(self, timeout: float) -> dict[str, Any]:
+        return {
+            "base_url": self.api_url,
+            "headers": {"authorization": f"Bearer {self.admin}"},
+            "timeout": timeout,
+            "trust_env": False,
+        }
 
     def log_lines(self, service: str) -> list[str]:
         path = self.tmp / f"{service}.log"

@@ -76,12 +76,7 @@ class DetectionStack(Stack):
 
     def __init__(self, db: str, pg_url: str) -> None:
         super().__init__("fd", db, pg_url)
-        self.client = httpx.Client(
-            base_url=self.api_url,
-            headers={"authorization": f"Bearer {self.admin}"},
-            timeout=10,
-            trust_env=False,
-        )
+        self.client = self.admin_client(timeout=10)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         self.client.close()

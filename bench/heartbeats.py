@@ -31,8 +31,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from common import (
     API_PORT,
     ORCHESTRATOR_PORT,
@@ -194,9 +192,7 @@ def main() -> int:
     try:
         stack.start(wrap)
         workers = []
-        with httpx.Client(
-            base_url=api_url, headers={"authorization": f"Bearer {stack.admin}"}, trust_env=False
-        ) as client:
+        with stack.admin_client() as client:
             for _ in range(args.workers):
                 created = client.post(
                     "/api/instances", json={"provider": "manual", "model": "echo"}
@@ -230,9 +226,7 @@ def main() -> int:
         for _ in range(args.rounds):  # alternate, so a noisy moment hits both targets
             e2e_runs.append(run_wrk(E2E, api_url, script, args.seconds, args.connections))
             orch_runs.append(run_wrk(ORCH, orch_url, script, args.seconds, args.connections))
-        with httpx.Client(
-            base_url=api_url, headers={"authorization": f"Bearer {stack.admin}"}, trust_env=False
-        ) as client:
+        with stack.admin_client() as client:
             time.sleep(0.5)
             items = client.get("/api/instances").json()["items"]
         persisted = sum(1 for i in items if (i["heartbeat_seq"] or 0) > 0)

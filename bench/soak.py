@@ -179,12 +179,7 @@ async def soak(args: argparse.Namespace, stack: Stack) -> dict[str, object]:
         asyncio.create_task(report_progress(tally, started, end)),
         asyncio.create_task(watch_host(tally, end)),
     ]
-    async with httpx.AsyncClient(
-        base_url=stack.api_url,
-        headers={"authorization": f"Bearer {stack.admin}"},
-        timeout=30,
-        trust_env=False,
-    ) as admin:
+    async with stack.admin_async_client() as admin:
         gate = asyncio.Semaphore(8)  # the fleet boots over a few seconds, not in one instant
 
         async def agent() -> None:
@@ -199,12 +194,7 @@ async def soak(args: argparse.Namespace, stack: Stack) -> dict[str, object]:
     elapsed = time.monotonic() - started
 
     await asyncio.sleep(0.5)  # let the last batch of soft state reach the database
-    async with httpx.AsyncClient(
-        base_url=stack.api_url,
-        headers={"authorization": f"Bearer {stack.admin}"},
-        timeout=30,
-        trust_env=False,
-    ) as admin:
+    async with stack.admin_async_client() as admin:
         unreachable: list[dict[str, object]] = []
         statuses: Counter[str] = Counter()
         for w in workers:

@@ -23,7 +23,7 @@ import http
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -77,7 +77,7 @@ class Request:
 class Response:
     status: int
     body: bytes
-    headers: RawHeaders = field(default_factory=lambda: [JSON_CONTENT_TYPE])
+    headers: RawHeaders
     """Everything but content-length, date and connection, which FastLane writes."""
 
 
@@ -203,9 +203,6 @@ class FastLaneProtocol(asyncio.Protocol):
         except httptools.HttpParserError:
             self._refuse(HTTPError(400, "invalid_http", "The request is not valid HTTP/1.1."))
 
-    def eof_received(self) -> bool | None:
-        return None
-
     def pause_writing(self) -> None:
         self._paused_writing = True
         if self._transport is not None:
@@ -267,8 +264,10 @@ class FastLaneProtocol(asyncio.Protocol):
         expect_continue = False
         for name, value in self._headers:
             if name == b"content-length":
-                if not value.isdigit() or int(value) > MAX_BODY_BYTES:
-                    raise _Reject(too_large() if value.isdigit() else bad_length())
+                try:
+                    check_content_length(value)
+                except HTTPError as exc:
+                    raise _Reject(exc) from None
             elif name == b"expect" and value.lower() == b"100-continue":
                 expect_continue = True
         if expect_continue and not self._queue and self._transport is not None:
@@ -496,10 +495,7 @@ async def read_body(headers: RawHeaders, receive: Receive) -> bytes:
     """An ASGI request body, refused with 413 as soon as it is known to be too large."""
     for name, value in headers:
         if name == b"content-length":
-            if not value.isdigit():
-                raise bad_length()
-            if int(value) > MAX_BODY_BYTES:
-                raise too_large()
+            check_content_length(value)
     chunks: list[bytes] = []
     total = 0
     more = True
@@ -516,8 +512,12 @@ async def read_body(headers: RawHeaders, receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-def bad_length() -> HTTPError:
-    return HTTPError(400, "invalid_content_length", "The Content-Length header is not a number.")
+def check_content_length(value: bytes) -> None:
+    """Refuse a declared body length before a single body byte is read."""
+    if not value.isdigit():
+        raise HTTPError(400, "invalid_content_length", "The Content-Length header is not a number.")
+    if int(value) > MAX_BODY_BYTES:
+        raise too_large()
 
 
 def too_large() -> HTTPError:
@@ -538,16 +538,3 @@ def fastlane_protocol(router: Router, request_timeout_s: float) -> type[FastLane
         "request_timeout_s": request_timeout_s,
     }
     return type("FastLane", (FastLaneProtocol,), attributes)
-
-
-__all__ = [
-    "FastLaneProtocol",
-    "Handler",
-    "Request",
-    "Response",
-    "Router",
-    "RoutesASGI",
-    "error_response",
-    "fastlane_protocol",
-    "json_response",
-]

@@ -162,8 +162,7 @@ class OrchestratorApp:
         return handler
 
     async def _no_such_worker_route(self, request: Request) -> Response:
-        known = {path for _, path in self._routes}
-        if request.path in known:
+        if any(path == request.path for _, path in self._routes):
             raise HTTPError(
                 405,
                 "method_not_allowed",
