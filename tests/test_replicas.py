@@ -191,3 +191,45 @@ def test_two_replicas_provision_each_instance_once(replicas: list[Replica]) -> N
     for replica in replicas:
         assert replica.proc is not None and replica.proc.poll() is None, "a replica died"
         assert "Traceback" not in replica.log(), replica.log()[-3000:]
+
+
+def test_a_reported_status_change_is_recorded_once_across_replicas(
+    replicas: list[Replica],
+) -> None:
+    """Each replica's cache lags the other's writes by up to its reload period; the database,
+    not the cache, must decide that a worker's reported status is new."""
+    first, second = (r.url for r in replicas)
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(timeout=10, trust_env=False) as client:
+        created = client.post(
+            f"{first}/api/instances", json={"provider": "manual", "model": "echo"}, headers=admin
+        ).json()
+        ident = created["id"]
+        body = {"instance_id": ident, "worker_id": "11111111-1111-4111-8111-111111111111"}
+        registered = client.post(
+            f"{first}/internal/worker/register",
+            json={**body, "agent_version": "0.1.0"},
+            headers={"authorization": f"Bearer {created['bootstrap_token']}"},
+        )
+        assert registered.status_code == 200, registered.text
+        worker = {"authorization": f"Bearer {registered.json()['worker_token']}"}
+
+        def heartbeat(url: str, seq: int, status: str) -> None:
+            answer = client.post(
+                f"{url}/internal/worker/heartbeat",
+                json={**body, "seq": seq, "status": status},
+                headers=worker,
+            )
+            assert answer.status_code == 200, answer.text
+
+        # The second replica learns the instance while its worker reports `starting`...
+        heartbeat(second, 1, "starting")
+        # ...then the first hears `ready`, and the second hears it too before its next reload.
+        heartbeat(first, 2, "ready")
+        heartbeat(second, 3, "ready")
+        heartbeat(first, 4, "ready")
+        events = client.get(f"{first}/api/instances/{ident}/events", headers=admin).json()
+    reported = [e["reason"] for e in events["items"] if e["kind"] == "worker_status"]
+    assert reported == ["starting", "ready"], events["items"]
+    to_ready = [e for e in events["items"] if e.get("to_status") == "ready"]
+    assert len(to_ready) == 1, events["items"]

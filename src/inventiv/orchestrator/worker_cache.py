@@ -84,11 +84,15 @@ class WorkerCache:
         for key in [k for k, v in self._tokens.items() if v.instance_id == instance_id]:
             del self._tokens[key]
 
-    def note_status(self, instance_id: str, status: str) -> None:
+    def note_status(
+        self, instance_id: str, status: str, *, worker_status: str | None = None
+    ) -> None:
         self._dirty.add(instance_id)
         cached = self._instances.get(instance_id)
         if cached is not None:
             cached.status = status
+            if worker_status is not None:
+                cached.worker_status = worker_status
 
     async def refresh(self) -> None:
         self._dirty = set()

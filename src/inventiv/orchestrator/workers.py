@@ -3,8 +3,13 @@
 Heartbeats are the hot path. A heartbeat that changes nothing about the lifecycle only updates
 soft state (last seen, metrics), so it goes into an in-memory batch flushed every
 INVENTIV_HEARTBEAT_FLUSH_S in one executemany; only lifecycle changes (starting -> ready,
-unreachable -> ready, ...) are written synchronously with their event. Token and instance
-lookups come from WorkerCache, so a steady heartbeat touches no database at all.
+unreachable -> ready, ...) and changes of the status the worker reports are written
+synchronously with their event. Token and instance lookups come from WorkerCache, so a steady
+heartbeat touches no database at all.
+
+The cache only says that a change *may* be new; the database decides. Both writes are
+conditional (the state it was read in, a reported status that differs), so a cache that lags
+behind (its periodic reload, another replica) costs a query, never a second event.
 """
 
 from __future__ import annotations
@@ -100,7 +105,6 @@ class HeartbeatBatcher:
                 .values(
                     last_heartbeat_at=bindparam("last_heartbeat_at"),
                     heartbeat_seq=bindparam("heartbeat_seq"),
-                    worker_status=bindparam("worker_status"),
                     queue_depth=bindparam("queue_depth"),
                     requests_running=bindparam("requests_running"),
                     metrics=bindparam("metrics"),
@@ -128,7 +132,6 @@ def row_values(instance_id: str, at: datetime, hb: HeartbeatRequest) -> dict[str
         "b_id": instance_id,
         "last_heartbeat_at": at,
         "heartbeat_seq": hb.seq,
-        "worker_status": hb.status.value,
         "queue_depth": hb.queue_depth,
         "requests_running": hb.requests_running,
         "metrics": soft_metrics(hb),
@@ -424,9 +427,13 @@ class WorkerProtocol:
         req: HeartbeatRequest,
         now: datetime,
     ) -> None:
-        """The rare heartbeat that changes something: written now, with its event."""
+        """The rare heartbeat that changes something: written now, with its event.
+
+        `worker_status` is written here only, never by the batch, so the column is the last
+        status an event was recorded for and the conditional UPDATE below lets exactly one
+        heartbeat record each change.
+        """
         async with self._sessions() as session:
-            values = {"last_heartbeat_at": now, "worker_status": req.status.value}
             if target is not None:
                 left = await transition(
                     session,
@@ -434,28 +441,34 @@ class WorkerProtocol:
                     target,
                     reason=f"worker_{req.status.value}",
                     message=heartbeat_message(instance.status, req),
-                    values=values,
+                    values={"last_heartbeat_at": now},
                 )
                 if left is not None:
                     instance.status = target.value
-            else:
-                await session.execute(
-                    update(Instance)
-                    .where(Instance.id == instance_id)
-                    .values(**values)
-                    .execution_options(synchronize_session=False)
+            reported = req.status.value
+            result = await session.execute(
+                update(Instance)
+                .where(
+                    Instance.id == instance_id,
+                    Instance.worker_status.is_distinct_from(reported),
                 )
-            if req.status.value != instance.worker_status:
+                .values(worker_status=reported, last_heartbeat_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
                 await record_event(
                     session,
                     instance_id,
                     "worker_status",
-                    reason=req.status.value,
-                    message=req.error or f"The worker reports {req.status.value}.",
+                    reason=reported,
+                    message=req.error or f"The worker reports {reported}.",
                     data={"seq": req.seq},
                 )
-                instance.worker_status = req.status.value
             await session.commit()
+        instance.worker_status = reported
+        # Marks the entry as changed by this process, so a reload that read the row before this
+        # commit does not bring the old values back.
+        self.cache.note_status(instance_id, instance.status, worker_status=reported)
 
 
 def lifecycle_target(current: str, reported: WorkerStatus) -> Status | None:
