@@ -15,7 +15,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from inventiv.stack import port_free
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -45,18 +46,6 @@ def add_database_options(
     server named by INVENTIV_TEST_PG_URL, as the tests use, else `fallback_pg_url`)."""
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--pg-url", default=os.environ.get("INVENTIV_TEST_PG_URL", fallback_pg_url))
-
-
-def port_free(port: int) -> bool:
-    """Whether a loopback port can be bound now: a port in TIME_WAIT is fine (SO_REUSEADDR), one
-    that anything holds, listening or not, is not."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_offset(bases: Sequence[int] = (ORCHESTRATOR_PORT, API_PORT)) -> int:

@@ -24,20 +24,12 @@ from typing import Any
 import httpx
 import pytest
 
+from inventiv.stack import port_free
+
 PG_URL = os.environ.get(
     "INVENTIV_TEST_PG_URL", "postgresql+asyncpg://postgres:postgres@127.0.0.1:5432/postgres"
 )
 ADMIN_TOKEN = "test-admin-token-" + uuid.uuid4().hex
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_port() -> int:

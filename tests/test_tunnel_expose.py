@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from inventiv.config import Settings
+from inventiv.stack import port_free
 from inventiv.tunnel.cloudflared import quick_tunnel_command_text
-from tests.conftest import Stack, free_port, free_port_offset, port_free
+from tests.conftest import Stack, free_port, free_port_offset
 from tests.fake_cloudflared.helpers import (
     CLI,
     FakeAPI,

@@ -66,6 +66,18 @@ def read_pid(path: Path) -> int | None:
     return pid
 
 
+def port_free(port: int) -> bool:
+    """Whether a loopback port can be bound now: a port in TIME_WAIT is fine (SO_REUSEADDR), one
+    that anything holds, listening or not, is not."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)

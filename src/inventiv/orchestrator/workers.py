@@ -465,7 +465,6 @@ class WorkerProtocol:
                     data={"seq": req.seq},
                 )
             await session.commit()
-        instance.worker_status = reported
         # Marks the entry as changed by this process, so a reload that read the row before this
         # commit does not bring the old values back.
         self.cache.note_status(instance_id, instance.status, worker_status=reported)
